@@ -1,0 +1,211 @@
+"""Shape plans: from a base layer's shape and a config, which factors exist and their shapes.
+
+Everything here is plain Python and hashable, so a plan can be a ``jax.jit`` static value.
+Shapes are PyTorch layouts (Linear ``(out, in)``, Conv ``(out, in/groups, *kernel)``), the
+layout of PEFT checkpoints, on both twins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "LOHA_FACTORS",
+    "LOKR_FACTORS",
+    "AdapterPlan",
+    "LayerShape",
+    "factorization",
+    "fan_in",
+    "plan_adapter",
+    "plan_loha",
+    "plan_lokr",
+]
+
+LayerKind = Literal["linear", "conv1d", "conv2d"]
+Init = Literal["zeros", "kaiming"]
+
+#: Factor names in PEFT's initialisation order (the order RNG draws happen in).
+LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A base layer as the plan sees it.
+
+    ``in_features`` is per group for convolutions (``in_channels // groups``).
+    """
+
+    kind: LayerKind
+    out_features: int
+    in_features: int
+    kernel_size: tuple[int, ...] = ()
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        expected = {"linear": 0, "conv1d": 1, "conv2d": 2}.get(self.kind)
+        if expected is None:
+            raise ValueError(f"LayerShape.kind: expected 'linear', 'conv1d' or 'conv2d', got {self.kind!r}")
+        if len(self.kernel_size) != expected:
+            raise ValueError(f"LayerShape: {self.kind} expects {expected} kernel dims, got {self.kernel_size!r}")
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Base weight in PyTorch layout: ``(out, in)`` or ``(out, in/groups, *kernel)``."""
+        return (self.out_features, self.in_features, *self.kernel_size)
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def is_pointwise(self) -> bool:
+        """Linear, or a convolution whose kernel is all ones (1 / 1x1)."""
+        return self.kernel_numel == 1
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """One adapter on one layer: hyper-parameters and the factors to create.
+
+    ``factors`` is ``((name, shape, init), ...)`` in PEFT's initialisation order; ``init`` is
+    ``"zeros"`` or ``"kaiming"`` (PyTorch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), +)).
+    ``rank_dropout_scale`` is always True for LoHa (PEFT always rescales its rank-dropout mask).
+    """
+
+    peft_type: str
+    layer: LayerShape
+    r: int
+    alpha: float
+    factors: tuple[tuple[str, tuple[int, ...], Init], ...]
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    rank_dropout_scale: bool = False
+    effective_conv: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    @property
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: shape for name, shape, _ in self.factors}
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.layer.weight_shape
+
+
+def fan_in(shape: tuple[int, ...]) -> int:
+    """PyTorch's fan-in: ``shape[1] * prod(shape[2:])``."""
+    if len(shape) < 2:
+        raise ValueError(f"fan_in: expected at least 2 dims, got shape {shape}")
+    return shape[1] * math.prod(shape[2:])
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split ``dimension`` into ``(m, n)`` with ``m * n == dimension`` exactly as PEFT/LyCORIS do.
+
+    >>> factorization(256), factorization(128), factorization(127), factorization(128, 4)
+    ((16, 16), (8, 16), (1, 127), (4, 32))
+    >>> factorization(128, 32)  # a dividing factor is returned unsorted
+    (32, 4)
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    if m > n:
+        m, n = n, m
+    return m, n
+
+
+def _check_rank(where: str, r: Any) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{where}: `r` should be a positive integer value but the value passed is {r!r}")
+
+
+def plan_loha(layer: LayerShape, r: int, alpha: float, config: Any, *, where: str = "") -> AdapterPlan:
+    """LoHa factors (PEFT section 5.3). CP form iff ``use_effective_conv2d`` and kernel != 1."""
+    _check_rank(where or "LoHa", r)
+    out, inp, kernel = layer.out_features, layer.in_features, layer.kernel_size
+    effective = bool(config.use_effective_conv2d) and layer.kind != "linear" and not layer.is_pointwise
+    b_init: Init = "zeros" if config.init_weights else "kaiming"
+    if effective:
+        t_shape = (r, r, *kernel) if layer.kind == "conv2d" else (r, r, kernel[0], 1)
+        factors = (
+            ("hada_w1_a", (r, out), "kaiming"),
+            ("hada_w1_b", (r, inp), "kaiming"),
+            ("hada_w2_a", (r, out), "kaiming"),
+            ("hada_w2_b", (r, inp), b_init),
+            ("hada_t1", t_shape, "kaiming"),
+            ("hada_t2", t_shape, "kaiming"),
+        )
+    else:
+        flat = inp * layer.kernel_numel
+        factors = (
+            ("hada_w1_a", (out, r), "kaiming"),
+            ("hada_w1_b", (r, flat), "kaiming"),
+            ("hada_w2_a", (out, r), "kaiming"),
+            ("hada_w2_b", (r, flat), b_init),
+        )
+    return AdapterPlan(
+        "LOHA", layer, r, alpha, factors,
+        rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
+        rank_dropout_scale=True, effective_conv=effective,
+    )
+
+
+def plan_lokr(layer: LayerShape, r: int, alpha: float, config: Any, *, where: str = "") -> AdapterPlan:
+    """LoKr factors (PEFT section 6.2): ``out = a*b``, ``in = c*d``; ``w1`` is (a, c), ``w2`` (b, d[, *k])."""
+    _check_rank(where or "LoKr", r)
+    a, b = factorization(layer.out_features, config.decompose_factor)
+    c, d = factorization(layer.in_features, config.decompose_factor)
+    kernel = layer.kernel_size
+    use_w1 = not (config.decompose_both and r < max(a, c) / 2)
+    use_w2 = r >= max(b, d) / 2
+    effective = bool(config.use_effective_conv2d) and layer.kind != "linear" and not layer.is_pointwise
+    init = config.init_weights
+    # (zero-initialised factors) for True / "lycoris"; False initialises everything with Kaiming.
+    zeros = {True: {"lokr_w1", "lokr_w1_a"}, "lycoris": {"lokr_w2", "lokr_w2_b"}}.get(init, set())
+
+    def f(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], Init]:
+        return (name, shape, "zeros" if name in zeros else "kaiming")
+
+    factors = [f("lokr_w1", (a, c))] if use_w1 else [f("lokr_w1_a", (a, r)), f("lokr_w1_b", (r, c))]
+    if use_w2:
+        factors.append(f("lokr_w2", (b, d, *kernel)))
+    elif effective:
+        t_shape = (r, r, *kernel) if layer.kind == "conv2d" else (r, r, kernel[0], 1)
+        factors += [f("lokr_w2_a", (r, b)), f("lokr_w2_b", (r, d)), f("lokr_t2", t_shape)]
+    else:
+        factors += [f("lokr_w2_a", (b, r)), f("lokr_w2_b", (r, d * layer.kernel_numel))]
+    return AdapterPlan(
+        "LOKR", layer, r, alpha, tuple(factors),
+        rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
+        rank_dropout_scale=bool(config.rank_dropout_scale), effective_conv=effective and not use_w2,
+    )
+
+
+_PLANNERS = {"LOHA": plan_loha, "LOKR": plan_lokr}
+
+
+def plan_adapter(layer: LayerShape, r: int, alpha: float, config: Any, *, where: str = "") -> AdapterPlan:
+    """Dispatch on ``config.peft_type`` (``"LOHA"`` or ``"LOKR"``)."""
+    try:
+        planner = _PLANNERS[config.peft_type]
+    except KeyError:
+        raise ValueError(f"plan_adapter: unknown peft_type {config.peft_type!r}") from None
+    return planner(layer, r, alpha, config, where=where)

@@ -1,0 +1,31 @@
+"""PyTorch twin: LyCORIS adapters (LoHa, LoKr) with PEFT 0.21.2's semantics and files.
+
+>>> import torch, lycoris_torch as lt
+>>> model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+>>> tuner = lt.LoKrModel(model, lt.LoKrConfig(r=2, target_modules=["0"]))
+>>> sorted(tuner.adapter_state_dict())
+['base_model.model.0.lokr_w1', 'base_model.model.0.lokr_w2']
+"""
+
+from lycoris_core import LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
+from lycoris_torch import functional, loha, lokr
+from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer
+from lycoris_torch.tuner import LoHaModel, LoKrModel, LycorisTuner, ModulesToSaveWrapper
+
+__all__ = [
+    "LoHaConfig",
+    "LoHaLayer",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrLayer",
+    "LoKrModel",
+    "LycorisConfig",
+    "LycorisLayer",
+    "LycorisTuner",
+    "ModulesToSaveWrapper",
+    "NoMatchingModuleError",
+    "factorization",
+    "functional",
+    "loha",
+    "lokr",
+]
