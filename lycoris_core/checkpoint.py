@@ -23,23 +23,23 @@ def checkpoint_key(module_path: str, name: str) -> str:
 
 def split_checkpoint_keys(
     keys: Iterable[str], factor_names: Iterable[str]
-) -> tuple[dict[str, dict[str, str]], list[str]]:
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """Group checkpoint keys by module: ``({module_path: {factor: key}}, other_keys)``.
 
     A key belongs to a module if its last component is a factor name; the ``base_model.model.``
     prefix is optional. Keys that are not factors (e.g. ``modules_to_save`` weights) are returned
-    in ``other_keys``, prefix stripped.
+    in ``other_keys`` as ``{key without prefix: key}``.
     """
     factor_names = set(factor_names)
     modules: dict[str, dict[str, str]] = {}
-    other: list[str] = []
+    other: dict[str, str] = {}
     for key in keys:
         bare = key.removeprefix(KEY_PREFIX)
         module_path, _, name = bare.rpartition(".")
         if name in factor_names and module_path:
             modules.setdefault(module_path, {})[name] = key
         else:
-            other.append(key)
+            other[bare] = key
     return modules, other
 
 

@@ -19,9 +19,9 @@ from lycoris_core._io import atomic_write_text
 __all__ = [
     "CONFIG_NAME",
     "PEFT_FORMAT_VERSION",
-    "LycorisConfig",
     "LoHaConfig",
     "LoKrConfig",
+    "LycorisConfig",
     "config_class_for",
     "config_from_dict",
 ]
@@ -29,9 +29,7 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 #: The PEFT release whose file format and semantics these configs reproduce.
 PEFT_FORMAT_VERSION = "0.21.2"
-TASK_TYPES = frozenset(
-    {"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
-)
+TASK_TYPES = frozenset({"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"})
 
 _CONFIG_CLASSES: dict[str, type[LycorisConfig]] = {}
 
@@ -149,7 +147,9 @@ class LycorisConfig:
                 _compile(f"{name}.layers_pattern", pattern)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
-                raise TypeError(f"{name}.modules_to_save: expected a list of module names, got {self.modules_to_save!r}")
+                raise TypeError(
+                    f"{name}.modules_to_save: expected a list of module names, got {self.modules_to_save!r}"
+                )
             self.modules_to_save = list(self.modules_to_save)
             for module in self.modules_to_save:
                 _compile(f"{name}.modules_to_save", module)
@@ -231,7 +231,9 @@ class LoKrConfig(LycorisConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not _is_int(self.decompose_factor) or (self.decompose_factor <= 0 and self.decompose_factor != -1):
-            raise ValueError(f"LoKrConfig.decompose_factor: expected -1 or a positive integer, got {self.decompose_factor!r}")
+            raise ValueError(
+                f"LoKrConfig.decompose_factor: expected -1 or a positive integer, got {self.decompose_factor!r}"
+            )
 
     def _check_init_weights(self) -> None:
         if not (isinstance(self.init_weights, bool) or self.init_weights == "lycoris"):

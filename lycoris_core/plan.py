@@ -162,9 +162,15 @@ def plan_loha(layer: LayerShape, r: int, alpha: float, config: Any, *, where: st
             ("hada_w2_b", (r, flat), b_init),
         )
     return AdapterPlan(
-        "LOHA", layer, r, alpha, factors,
-        rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
-        rank_dropout_scale=True, effective_conv=effective,
+        "LOHA",
+        layer,
+        r,
+        alpha,
+        factors,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+        rank_dropout_scale=True,
+        effective_conv=effective,
     )
 
 
@@ -193,9 +199,15 @@ def plan_lokr(layer: LayerShape, r: int, alpha: float, config: Any, *, where: st
     else:
         factors += [f("lokr_w2_a", (b, r)), f("lokr_w2_b", (r, d * layer.kernel_numel))]
     return AdapterPlan(
-        "LOKR", layer, r, alpha, tuple(factors),
-        rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
-        rank_dropout_scale=bool(config.rank_dropout_scale), effective_conv=effective and not use_w2,
+        "LOKR",
+        layer,
+        r,
+        alpha,
+        tuple(factors),
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+        rank_dropout_scale=bool(config.rank_dropout_scale),
+        effective_conv=effective and not use_w2,
     )
 
 

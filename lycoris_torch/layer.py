@@ -200,7 +200,9 @@ class LycorisLayer(nn.Module, ABC):
             remaining = [n for n in self._active_adapter if n != adapter_name]
             if not remaining and self.plans:
                 remaining = [sorted(self.plans)[0]]
-                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}.")
+                warnings.warn(
+                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}."
+                )
             self.set_adapter(remaining)
 
     # ------------------------------------------------------------------ merge
@@ -367,7 +369,14 @@ class _FactorizedLayer(LycorisLayer):
         self._init_factors(adapter_name)
 
     def update_layer(
-        self, adapter_name: str, r: int, alpha: float, *, config: Any, autocast_adapter_dtype: bool = True, **kwargs: Any
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        *,
+        config: Any,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
     ) -> None:
         plan = self.plan(r, alpha, config)
         self.create_adapter_parameters(adapter_name, r, plan=plan)

@@ -12,8 +12,7 @@ import copy
 import os
 import re
 import warnings
-from collections.abc import Mapping
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -183,8 +182,13 @@ class LycorisTuner(nn.Module):
             )
         else:
             new_module = self._create_new_module(
-                config, adapter_name, target, r=r, alpha=alpha,
-                autocast_adapter_dtype=self.autocast_adapter_dtype, module_path=current_key,
+                config,
+                adapter_name,
+                target,
+                r=r,
+                alpha=alpha,
+                autocast_adapter_dtype=self.autocast_adapter_dtype,
+                module_path=current_key,
             )
             setattr(parent, target_name, new_module)
 
@@ -238,8 +242,10 @@ class LycorisTuner(nn.Module):
         """Inject adapter ``adapter_name``; the first adapter becomes active, later ones do not."""
         self._add(adapter_name, config, None)
 
-    def _inject(self, adapter_name: str, config: LycorisConfig, plans: dict[str, Any]) -> None:
-        """Phase two of injection: mutate. Undo everything if any step fails."""
+    def _inject(
+        self, adapter_name: str, config: LycorisConfig, plans: dict[str, Any], fill: Callable[[], None] | None = None
+    ) -> None:
+        """Phase two of injection: mutate (then ``fill`` the new factors). Undo everything if any step fails."""
         modules = dict(self.model.named_modules())
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[LycorisLayer] = []
@@ -255,6 +261,8 @@ class LycorisTuner(nn.Module):
                 else:
                     replaced.append((parent, attr, target))
             self._wrap_modules_to_save(adapter_name, config, replaced)
+            if fill is not None:
+                fill()
         except BaseException:
             for layer in updated:
                 layer.delete_adapter(adapter_name)
@@ -389,7 +397,9 @@ class LycorisTuner(nn.Module):
                 setattr(parent, attr, module.get_base_layer())
             elif isinstance(module, ModulesToSaveWrapper):
                 parent, attr = _get_submodule_parent(self.model, key)
-                keep = module.modules_to_save[module.active_adapter] if module.active_adapter else module.original_module
+                keep = (
+                    module.modules_to_save[module.active_adapter] if module.active_adapter else module.original_module
+                )
                 setattr(parent, attr, keep)
         self.peft_config = {}
         return self.model
@@ -432,14 +442,19 @@ class LycorisTuner(nn.Module):
                     state[checkpoint_key(key, name)] = tensor.detach()
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None
+    ) -> None:
         """PEFT layout: ``default`` in ``save_directory``, others in ``save_directory/<name>/``."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
             directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(directory, exist_ok=True)
-            atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda tmp: save_file(state, tmp, SAFETENSORS_METADATA))
+            atomic_write(
+                os.path.join(directory, SAFETENSORS_NAME),
+                lambda tmp, state=state: save_file(state, tmp, SAFETENSORS_METADATA),
+            )
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             if config.auto_mapping is None and getattr(self.model, "config", None) is None:
@@ -504,49 +519,44 @@ class LycorisTuner(nn.Module):
                 check_factor_shapes(key, plan.factor_shapes, found)
             elif not found:
                 raise ValueError(f"{key}: checkpoint has no weights for this targeted module")
-        self._inject(adapter_name, config, plans)
-        try:
-            self._copy_into(adapter_name, by_module, other, state)
-        except BaseException:
-            self._discard(adapter_name)
-            raise
+        extra = self._match_modules_to_save_keys(config, {bare: tuple(state[k].shape) for bare, k in other.items()})
+
+        def fill() -> None:
+            modules = dict(self.model.named_modules())
+            with torch.no_grad():
+                for key, names in by_module.items():
+                    params = modules[key].factors[adapter_name]
+                    for name, ckpt_key in names.items():
+                        _assign(params, name, state[ckpt_key], f"{key}.{name}")
+                for bare, (module_key, sub) in extra.items():
+                    modules[module_key].modules_to_save[adapter_name].get_parameter(sub).copy_(state[other[bare]])
+
+        self._inject(adapter_name, config, plans, fill)
         if len(self.peft_config) == 1:
             self.set_adapter(adapter_name)
         else:
             self.set_adapter(self.active_adapter)
 
-    def _copy_into(
-        self, adapter_name: str, by_module: dict[str, dict[str, str]], other: list[str], state: dict[str, torch.Tensor]
-    ) -> None:
-        modules = dict(self.model.named_modules())
-        with torch.no_grad():
-            for key, names in by_module.items():
-                params = modules[key].factors[adapter_name]
-                for name, ckpt_key in names.items():
-                    if name not in params:
-                        raise ValueError(f"{key}.{name}: unexpected checkpoint key {ckpt_key!r}")
-                    _assign(params, name, state[ckpt_key], f"{key}.{name}")
-            wrappers = {k: m for k, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
-            for bare in other:
-                module_key = next((k for k in wrappers if bare.startswith(k + ".")), None)
-                if module_key is None:
-                    raise ValueError(f"checkpoint key {bare!r} matches no adapter factor or modules_to_save module")
-                target = wrappers[module_key].modules_to_save[adapter_name]
-                sub = bare.removeprefix(module_key + ".")
-                tensor = target.state_dict()[sub] if sub in target.state_dict() else None
-                if tensor is None or tensor.shape != state[bare].shape:
-                    raise ValueError(f"{bare}: does not fit modules_to_save module {module_key!r}")
-                tensor.copy_(state[bare])
-
-    def _discard(self, adapter_name: str) -> None:
-        """Remove a just-injected adapter (load failure), restoring replaced modules."""
-        self.peft_config.pop(adapter_name, None)
-        for key, module in list(self.model.named_modules()):
-            if isinstance(module, LycorisLayer) and adapter_name in module.plans:
-                module.delete_adapter(adapter_name)
-                if not module.plans:
-                    parent, attr = _get_submodule_parent(self.model, key)
-                    setattr(parent, attr, module.base_layer)
+    def _match_modules_to_save_keys(
+        self, config: LycorisConfig, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[str, str]]:
+        """Map non-factor checkpoint keys onto ``modules_to_save`` parameters: ``{key: (module, param)}``."""
+        found: dict[str, tuple[str, str]] = {}
+        for bare, shape in shapes.items():
+            parts = bare.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                module_key, sub = ".".join(parts[:i]), ".".join(parts[i:])
+                if any(re.fullmatch(rf"(.*\.)?{m}", module_key) for m in config.modules_to_save or ()):
+                    module = self.model.get_submodule(module_key)
+                    if isinstance(module, ModulesToSaveWrapper):
+                        module = module.original_module
+                    params = dict(module.named_parameters())
+                    if sub in params and tuple(params[sub].shape) == shape:
+                        found[bare] = (module_key, sub)
+                    break
+            if bare not in found:
+                raise ValueError(f"checkpoint key {bare!r} fits no adapter factor nor a `modules_to_save` parameter")
+        return found
 
     # ------------------------------------------------------------------ reporting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -555,7 +565,9 @@ class LycorisTuner(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
 
 def _assign(params: nn.ParameterDict, name: str, value: torch.Tensor, where: str) -> None:
@@ -590,7 +602,11 @@ class LoHaModel(LycorisTuner):
 
     prefix = "hada_"
     config_cls = LoHaConfig
-    layers_mapping = {nn.Conv2d: LoHaLayer, nn.Conv1d: LoHaLayer, nn.Linear: LoHaLayer}
+    layers_mapping: ClassVar[dict[type[nn.Module], type[LycorisLayer]]] = {
+        nn.Conv2d: LoHaLayer,
+        nn.Conv1d: LoHaLayer,
+        nn.Linear: LoHaLayer,
+    }
 
 
 class LoKrModel(LycorisTuner):
@@ -598,6 +614,8 @@ class LoKrModel(LycorisTuner):
 
     prefix = "lokr_"
     config_cls = LoKrConfig
-    layers_mapping = {nn.Conv2d: LoKrLayer, nn.Conv1d: LoKrLayer, nn.Linear: LoKrLayer}
-
-
+    layers_mapping: ClassVar[dict[type[nn.Module], type[LycorisLayer]]] = {
+        nn.Conv2d: LoKrLayer,
+        nn.Conv1d: LoKrLayer,
+        nn.Linear: LoKrLayer,
+    }
