@@ -89,7 +89,7 @@ def test_multiple_adapters_set_delete_disable():
     tuner.add_adapter("b", loha_cfg(r=3))
     assert tuner.active_adapters == ["a"]  # adding does not activate
     q = model.layers[0].q
-    only_a, only_a_q = tuner(*X), q(X[0])
+    only_a_q = q(X[0])
     tuner.set_adapter("b")
     only_b, only_b_q = tuner(*X), q(X[0])
     tuner.set_adapter(["a", "b"])
@@ -165,7 +165,6 @@ def test_training_mode_dropout_matches_peft_under_same_seed(make_cfg, peft_name)
     if peft_name == "LoKrConfig":
         kw["rank_dropout_scale"] = True
     base = net()
-    ours = lt.LycorisTuner  # noqa: F841 - for readability of the dispatch below
     torch.manual_seed(3)
     theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, peft_name)(
         r=2, alpha=4, target_modules=["q", "v", "conv", "conv1"], init_weights=False, **kw))
@@ -209,14 +208,11 @@ class Custom(nn.Module):
          r"emb: target module of type Embedding not supported, currently only adapters for Conv2d, Conv1d, Linear"),
         (net, lt.LoHaConfig(target_modules=["nothing"]), lt.NoMatchingModuleError, r"Target modules \['nothing'\] not found"),
         (net, lt.LoKrConfig(target_modules=["q", "norm"]), TypeError, "norm: target module of type LayerNorm not supported"),
-        (net, lt.LoHaConfig(target_modules=["q"], rank_pattern={"layers.1.q": 0}.__class__()), None, None),
     ],
 )
 def test_bad_targets_leave_model_untouched(model_fn, cfg, exc, match):
     model = model_fn()
     snap = snapshot(model)
-    if exc is None:
-        return
     with pytest.raises(exc, match=match):
         (lt.LoHaModel if isinstance(cfg, lt.LoHaConfig) else lt.LoKrModel)(model, cfg)
     assert_unchanged(model, snap)
