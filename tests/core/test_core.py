@@ -21,10 +21,27 @@ def test_core_imports_neither_torch_nor_jax():
 @pytest.mark.parametrize(
     "dim, factor, expected",
     [
-        (64, -1, (8, 8)), (96, -1, (8, 12)), (128, -1, (8, 16)), (127, -1, (1, 127)), (256, -1, (16, 16)),
-        (768, -1, (24, 32)), (3072, -1, (48, 64)), (4096, -1, (64, 64)), (11008, -1, (86, 128)), (12, -1, (3, 4)),
-        (20, -1, (4, 5)), (24, -1, (4, 6)), (1, -1, (1, 1)), (2, -1, (1, 2)), (128, 4, (4, 32)), (100, 3, (2, 50)),
-        (96, 7, (6, 16)), (4096, 16, (16, 256)), (4096, 100, (64, 64)), (128, 32, (32, 4)), (12, 4, (4, 3)),
+        (64, -1, (8, 8)),
+        (96, -1, (8, 12)),
+        (128, -1, (8, 16)),
+        (127, -1, (1, 127)),
+        (256, -1, (16, 16)),
+        (768, -1, (24, 32)),
+        (3072, -1, (48, 64)),
+        (4096, -1, (64, 64)),
+        (11008, -1, (86, 128)),
+        (12, -1, (3, 4)),
+        (20, -1, (4, 5)),
+        (24, -1, (4, 6)),
+        (1, -1, (1, 1)),
+        (2, -1, (1, 2)),
+        (128, 4, (4, 32)),
+        (100, 3, (2, 50)),
+        (96, 7, (6, 16)),
+        (4096, 16, (16, 256)),
+        (4096, 100, (64, 64)),
+        (128, 32, (32, 4)),
+        (12, 4, (4, 3)),
     ],
 )
 def test_factorization_matches_peft_values(dim, factor, expected):
@@ -102,7 +119,9 @@ def test_match_targets_errors_and_warnings():
         lc.match_targets(_cfg(target_modules=["q"], rank_pattern={"zz": 2}), names)
     with pytest.warns(UserWarning, match="no modules were excluded"):
         lc.match_targets(_cfg(target_modules=["q"], exclude_modules=["nope"]), names)
-    linear = lc.match_targets(_cfg(target_modules="all-linear"), names, linear_names=["a.q", "head"], output_names=["head"])
+    linear = lc.match_targets(
+        _cfg(target_modules="all-linear"), names, linear_names=["a.q", "head"], output_names=["head"]
+    )
     assert linear.targeted == ["a.q"]
 
 
@@ -136,8 +155,15 @@ def test_config_json_round_trip_and_peft_interop(tmp_path):
     from peft import PeftConfig
 
     cfg = lc.LoKrConfig(
-        r=4, alpha=3.0, target_modules=["q", "v"], rank_pattern={"v": 2, "q": 3}, init_weights="lycoris",
-        decompose_both=True, decompose_factor=4, rank_dropout_scale=True, modules_to_save=["head"],
+        r=4,
+        alpha=3.0,
+        target_modules=["q", "v"],
+        rank_pattern={"v": 2, "q": 3},
+        init_weights="lycoris",
+        decompose_both=True,
+        decompose_factor=4,
+        rank_dropout_scale=True,
+        modules_to_save=["head"],
     )
     cfg.save_pretrained(tmp_path)
     again = lc.LycorisConfig.from_pretrained(tmp_path)
@@ -198,11 +224,14 @@ def test_shape_plans_match_peft_examples():
     lin = lc.plan_lokr(lc.LayerShape("linear", 96, 64), 4, 8, cfg)
     assert lin.factor_shapes == {"lokr_w1": (8, 8), "lokr_w2_a": (12, 4), "lokr_w2_b": (4, 8)}
     assert lc.plan_lokr(lc.LayerShape("linear", 96, 64), 16, 8, cfg).factor_shapes == {
-        "lokr_w1": (8, 8), "lokr_w2": (12, 8)}
+        "lokr_w1": (8, 8),
+        "lokr_w2": (12, 8),
+    }
     conv = lc.plan_lokr(lc.LayerShape("conv2d", 48, 32, (3, 5)), 4, 8, cfg)
     assert conv.factor_shapes == {"lokr_w1": (6, 4), "lokr_w2": (8, 8, 3, 5)}
-    c1 = lc.plan_lokr(lc.LayerShape("conv1d", 20, 12, (3,)), 2, 8,
-                      lc.LoKrConfig(decompose_factor=4, decompose_both=True))
+    c1 = lc.plan_lokr(
+        lc.LayerShape("conv1d", 20, 12, (3,)), 2, 8, lc.LoKrConfig(decompose_factor=4, decompose_both=True)
+    )
     assert c1.factor_shapes == {"lokr_w1": (4, 4), "lokr_w2_a": (5, 2), "lokr_w2_b": (2, 9)}
     grouped = lc.plan_lokr(lc.LayerShape("conv2d", 24, 4, (3, 3), groups=3), 4, 8, cfg)
     assert grouped.factor_shapes == {"lokr_w1": (4, 2), "lokr_w2": (6, 2, 3, 3)}
@@ -211,7 +240,9 @@ def test_shape_plans_match_peft_examples():
     assert cp.effective_conv and cp.scaling == 2.0
     pointwise = lc.plan_loha(lc.LayerShape("conv2d", 6, 4, (1, 1)), 2, 4, lc.LoHaConfig(use_effective_conv2d=True))
     assert not pointwise.effective_conv and pointwise.factor_shapes["hada_w1_b"] == (2, 4)
-    with pytest.raises(ValueError, match=r"layers.0.q: `r` should be a positive integer value but the value passed is 0"):
+    with pytest.raises(
+        ValueError, match=r"layers.0.q: `r` should be a positive integer value but the value passed is 0"
+    ):
         lc.plan_loha(lc.LayerShape("linear", 4, 4), 0, 1, lc.LoHaConfig(), where="layers.0.q")
 
 
@@ -222,7 +253,9 @@ def test_checkpoint_keys_both_prefix_forms():
     )
     assert modules == {"a.q": {"lokr_w1": "base_model.model.a.q.lokr_w1"}, "a.v": {"lokr_w2": "a.v.lokr_w2"}}
     assert other == {"head.weight": "base_model.model.head.weight"}
-    with pytest.raises(ValueError, match=r"a.q.lokr_w1: checkpoint shape \(2, 2\) does not fit the adapter, expected \(4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"a.q.lokr_w1: checkpoint shape \(2, 2\) does not fit the adapter, expected \(4, 4\)"
+    ):
         lc.check_factor_shapes("a.q", {"lokr_w1": (4, 4)}, {"lokr_w1": (2, 2)})
     with pytest.raises(ValueError, match=r"a.q: checkpoint factors .* \(missing \['lokr_w2'\]"):
         lc.check_factor_shapes("a.q", {"lokr_w1": (4, 4), "lokr_w2": (2, 2)}, {"lokr_w1": (4, 4)})

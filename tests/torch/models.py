@@ -36,7 +36,11 @@ class Net(nn.Module):
 
 def inputs(seed: int = 0, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 16, generator=g), torch.randn(batch, 4, 6, 6, generator=g), torch.randn(batch, 4, 10, generator=g)
+    return (
+        torch.randn(batch, 16, generator=g),
+        torch.randn(batch, 4, 6, 6, generator=g),
+        torch.randn(batch, 4, 10, generator=g),
+    )
 
 
 def net(seed: int = 0) -> Net:

@@ -19,11 +19,15 @@ X = inputs()
 
 
 def loha_cfg(**kw):
-    return lt.LoHaConfig(**{"r": 2, "alpha": 4, "target_modules": ["q", "v", "conv", "conv1"], "init_weights": False} | kw)
+    return lt.LoHaConfig(
+        **{"r": 2, "alpha": 4, "target_modules": ["q", "v", "conv", "conv1"], "init_weights": False} | kw
+    )
 
 
 def lokr_cfg(**kw):
-    return lt.LoKrConfig(**{"r": 2, "alpha": 4, "target_modules": ["q", "v", "conv", "conv1"], "init_weights": False} | kw)
+    return lt.LoKrConfig(
+        **{"r": 2, "alpha": 4, "target_modules": ["q", "v", "conv", "conv1"], "init_weights": False} | kw
+    )
 
 
 @pytest.mark.parametrize("make_cfg, tuner_cls", [(loha_cfg, lt.LoHaModel), (lokr_cfg, lt.LoKrModel)])
@@ -53,8 +57,12 @@ def test_only_adapter_factors_train_and_names_are_module_paths():
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable and all(".factors.default.lokr_" in n for n in trainable)
     assert sorted({k.rsplit(".", 1)[0] for k in tuner.adapter_state_dict()}) == [
-        "base_model.model.conv", "base_model.model.conv1", "base_model.model.layers.0.q",
-        "base_model.model.layers.0.v", "base_model.model.layers.1.q", "base_model.model.layers.1.v",
+        "base_model.model.conv",
+        "base_model.model.conv1",
+        "base_model.model.layers.0.q",
+        "base_model.model.layers.0.v",
+        "base_model.model.layers.1.q",
+        "base_model.model.layers.1.v",
     ]
 
 
@@ -166,8 +174,10 @@ def test_training_mode_dropout_matches_peft_under_same_seed(make_cfg, peft_name)
         kw["rank_dropout_scale"] = True
     base = net()
     torch.manual_seed(3)
-    theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, peft_name)(
-        r=2, alpha=4, target_modules=["q", "v", "conv", "conv1"], init_weights=False, **kw))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        getattr(peft, peft_name)(r=2, alpha=4, target_modules=["q", "v", "conv", "conv1"], init_weights=False, **kw),
+    )
     torch.manual_seed(3)
     tuner = (lt.LoHaModel if peft_name == "LoHaConfig" else lt.LoKrModel)(copy.deepcopy(base), make_cfg(**kw))
     theirs.train()
@@ -204,10 +214,24 @@ class Custom(nn.Module):
 @pytest.mark.parametrize(
     "model_fn, cfg, exc, match",
     [
-        (Custom, lt.LoHaConfig(target_modules=["emb"]), TypeError,
-         r"emb: target module of type Embedding not supported, currently only adapters for Conv2d, Conv1d, Linear"),
-        (net, lt.LoHaConfig(target_modules=["nothing"]), lt.NoMatchingModuleError, r"Target modules \['nothing'\] not found"),
-        (net, lt.LoKrConfig(target_modules=["q", "norm"]), TypeError, "norm: target module of type LayerNorm not supported"),
+        (
+            Custom,
+            lt.LoHaConfig(target_modules=["emb"]),
+            TypeError,
+            r"emb: target module of type Embedding not supported, currently only adapters for Conv2d, Conv1d, Linear",
+        ),
+        (
+            net,
+            lt.LoHaConfig(target_modules=["nothing"]),
+            lt.NoMatchingModuleError,
+            r"Target modules \['nothing'\] not found",
+        ),
+        (
+            net,
+            lt.LoKrConfig(target_modules=["q", "norm"]),
+            TypeError,
+            "norm: target module of type LayerNorm not supported",
+        ),
     ],
 )
 def test_bad_targets_leave_model_untouched(model_fn, cfg, exc, match):
@@ -227,7 +251,9 @@ def test_invalid_regex_and_bad_rank_are_config_errors():
     cfg.r = -1  # mutated after validation: the plan rejects it, naming the module, and nothing changes
     model = net()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"layers.0.q: `r` should be a positive integer value but the value passed is -1"):
+    with pytest.raises(
+        ValueError, match=r"layers.0.q: `r` should be a positive integer value but the value passed is -1"
+    ):
         lt.LoKrModel(model, cfg)
     assert_unchanged(model, snap)
 
@@ -250,7 +276,9 @@ def test_safe_merge_is_atomic_across_layers(bad):
     with torch.no_grad():
         model.conv1.factors["default"]["hada_w1_a"][0, 0] = bad  # a late layer is broken
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="conv1: NaNs detected in the merged weights. The adapter default seems to be broken"):
+    with pytest.raises(
+        ValueError, match="conv1: NaNs detected in the merged weights. The adapter default seems to be broken"
+    ):
         tuner.merge_adapter(safe_merge=True)
     assert_unchanged(model, snap)
     assert not any(layer.merged for _, layer in tuner._lycoris_layers())
@@ -283,7 +311,9 @@ def test_checkpoint_that_does_not_fit_is_rejected_untouched(tmp_path):
     state = load_file(tmp_path / "ok" / "adapter_model.safetensors")
     state["base_model.model.layers.0.q.lokr_w1"] = torch.zeros(3, 3)
     save_file(state, tmp_path / "ok" / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"layers.0.q.lokr_w1: checkpoint shape \(3, 3\) does not fit the adapter, expected \(4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"layers.0.q.lokr_w1: checkpoint shape \(3, 3\) does not fit the adapter, expected \(4, 4\)"
+    ):
         lt.LycorisTuner.from_pretrained(model, tmp_path / "ok")
     assert_unchanged(model, snap)
 
@@ -420,9 +450,15 @@ class CustomLycorisLinear(lt.LycorisLayer):
 
         self.create_adapter_parameters(adapter_name, r)
         shapes = {k: tuple(v.shape) for k, v in self.factors[adapter_name].items()}
-        plan = AdapterPlan("CUSTOM_LYCORIS_LORA", layer_shape_of(self.get_base_layer()), r, alpha,
-                           tuple((k, s, "kaiming") for k, s in shapes.items()),
-                           rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
+        plan = AdapterPlan(
+            "CUSTOM_LYCORIS_LORA",
+            layer_shape_of(self.get_base_layer()),
+            r,
+            alpha,
+            tuple((k, s, "kaiming") for k, s in shapes.items()),
+            rank_dropout=config.rank_dropout,
+            module_dropout=config.module_dropout,
+        )
         self._register_adapter(adapter_name, plan)
         self.reset_adapter_parameters(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -463,7 +499,9 @@ def test_custom_variant_works_through_the_shared_interface(tmp_path):
     torch.testing.assert_close(again(*X), base, rtol=0, atol=0)
     again.unscale_layer()
     torch.testing.assert_close(again.merge_and_unload()(*X), out, rtol=1e-5, atol=1e-5)
-    with pytest.raises(TypeError, match="conv: target module of type Conv2d not supported, currently only adapters for Linear"):
+    with pytest.raises(
+        TypeError, match="conv: target module of type Conv2d not supported, currently only adapters for Linear"
+    ):
         CustomLycorisTuner(net(), CustomLycorisConfig(target_modules=["conv"]))
 
 
