@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr
+from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr, state
 from lycoris_torch import functional, loha, lokr
 
 __all__ = ["SUPPORTED_LAYERS", "LoHaLayer", "LoKrLayer", "LycorisLayer", "layer_shape_of"]
@@ -207,22 +207,9 @@ class LycorisLayer(nn.Module, ABC):
 
     # ------------------------------------------------------------------ merge
     def _merge_names(self, adapter_names: Sequence[str] | None) -> list[str]:
-        """PEFT's ``check_adapters_to_merge``: default to the active adapters, skip merged ones."""
-        if adapter_names is None:
-            adapter_names = self.active_adapters
-        if isinstance(adapter_names, str):
-            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
-        names = list(adapter_names)
-        if self.merged:
-            names = [n for n in names if n not in self.merged_adapters]
-            if names:
-                warnings.warn(
-                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
-                    f"You are now additionally merging {','.join(names)}."
-                )
-            else:
-                warnings.warn("All adapters are already merged, nothing to do.")
-        return [n for n in names if n in self._available_adapters]
+        return state.adapters_to_merge(
+            adapter_names, self.active_adapters, self.merged_adapters, self._available_adapters
+        )
 
     def _safe_merged_weight(self, names: Sequence[str], where: str = "") -> torch.Tensor:
         """The merged weight for ``names`` computed on a copy; ``ValueError`` if it is not finite."""
@@ -267,28 +254,15 @@ class LycorisLayer(nn.Module, ABC):
     # ------------------------------------------------------------------ scaling
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale * alpha / r``; no-op for an adapter this layer does not hold."""
-        if adapter not in self._available_adapters:
-            return
-        plan = self.plans[adapter]
-        self.scaling[adapter] = scale * plan.alpha / plan.r
+        self.scaling = state.set_scale(self.scaling, self.plans, adapter, scale)
 
     def scale_layer(self, scale: float) -> None:
         """Multiply the scaling of every active adapter by ``scale``."""
-        if scale == 1:
-            return
-        for name in self.active_adapters:
-            if name in self._available_adapters:
-                self.scaling[name] *= scale
+        self.scaling = state.scale_layer(self.scaling, self.active_adapters, scale)
 
     def unscale_layer(self, scale: float | None = None) -> None:
         """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
-        for name in self.active_adapters:
-            if name not in self._available_adapters:
-                continue
-            if scale is None:
-                self.scaling[name] = self.plans[name].alpha / self.plans[name].r
-            else:
-                self.scaling[name] /= scale
+        self.scaling = state.unscale_layer(self.scaling, self.plans, self.active_adapters, scale)
 
     # ------------------------------------------------------------------ forward
     def _cast_input_dtype(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,14 +26,13 @@ from lycoris_core import (
     LoHaConfig,
     LoKrConfig,
     LycorisConfig,
-    check_factor_shapes,
     checkpoint_key,
     config_class_for,
     match_targets,
     resolve_rank_alpha,
-    split_checkpoint_keys,
 )
 from lycoris_core._io import atomic_write
+from lycoris_core.state import check_checkpoint, modules_to_save_key
 from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer, _FactorizedLayer, layer_shape_of
 
 __all__ = ["LoHaModel", "LoKrModel", "LycorisTuner", "ModulesToSaveWrapper"]
@@ -280,7 +278,7 @@ class LycorisTuner(nn.Module):
         if not config.modules_to_save:
             return
         for key, module in list(self.model.named_modules()):
-            if not key or not any(re.fullmatch(rf"(.*\.)?{m}", key) for m in config.modules_to_save):
+            if not key or not modules_to_save_key(config, key):
                 continue
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)
@@ -508,17 +506,8 @@ class LycorisTuner(nn.Module):
             self._inject(adapter_name, config, plans)
             self.set_adapter(self.active_adapter)
             return
-        layer_factor_names = {n for c in self.layers_mapping.values() for n in c.adapter_layer_names}
-        by_module, other = split_checkpoint_keys(state, layer_factor_names)
-        unexpected = sorted(set(by_module) - set(plans))
-        if unexpected:
-            raise ValueError(f"checkpoint has adapter weights for modules the config does not target: {unexpected}")
-        for key, plan in plans.items():
-            found = {name: tuple(state[k].shape) for name, k in by_module.get(key, {}).items()}
-            if plan is not None:
-                check_factor_shapes(key, plan.factor_shapes, found)
-            elif not found:
-                raise ValueError(f"{key}: checkpoint has no weights for this targeted module")
+        factor_names = {n for c in self.layers_mapping.values() for n in c.adapter_layer_names}
+        by_module, other = check_checkpoint(plans, {k: tuple(v.shape) for k, v in state.items()}, factor_names)
         extra = self._match_modules_to_save_keys(config, {bare: tuple(state[k].shape) for bare, k in other.items()})
 
         def fill() -> None:
@@ -546,7 +535,7 @@ class LycorisTuner(nn.Module):
             parts = bare.split(".")
             for i in range(len(parts) - 1, 0, -1):
                 module_key, sub = ".".join(parts[:i]), ".".join(parts[i:])
-                if any(re.fullmatch(rf"(.*\.)?{m}", module_key) for m in config.modules_to_save or ()):
+                if modules_to_save_key(config, module_key):
                     module = self.model.get_submodule(module_key)
                     if isinstance(module, ModulesToSaveWrapper):
                         module = module.original_module

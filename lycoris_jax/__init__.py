@@ -1,0 +1,33 @@
+"""Flax NNX twin: LyCORIS adapters (LoHa, LoKr) with PEFT 0.21.2's semantics and files.
+
+>>> from flax import nnx
+>>> import lycoris_jax as lj
+>>> model = nnx.Sequential(nnx.Linear(16, 16, rngs=nnx.Rngs(0)))
+>>> tuner = lj.LoKrModel(model, lj.LoKrConfig(r=2, target_modules=["layers.0"]))
+>>> sorted(tuner.adapter_state_dict())
+['base_model.model.layers.0.lokr_w1', 'base_model.model.layers.0.lokr_w2']
+"""
+
+from lycoris_core import LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
+from lycoris_jax import functional, loha, lokr
+from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam
+from lycoris_jax.tuner import LoHaModel, LoKrModel, LycorisTuner, default_rngs
+
+__all__ = [
+    "LoHaConfig",
+    "LoHaLayer",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrLayer",
+    "LoKrModel",
+    "LycorisConfig",
+    "LycorisLayer",
+    "LycorisParam",
+    "LycorisTuner",
+    "NoMatchingModuleError",
+    "default_rngs",
+    "factorization",
+    "functional",
+    "loha",
+    "lokr",
+]

@@ -1,0 +1,81 @@
+"""Operations shared by every LyCORIS layer (JAX twin of ``lycoris_torch.functional``).
+
+Also the one place where PyTorch layouts meet Flax layouts: :func:`to_flax_kernel` and
+:func:`to_torch_layout`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "apply_rank_dropout",
+    "forward_with_weight",
+    "kaiming_uniform",
+    "rank_dropout_keep",
+    "to_flax_kernel",
+    "to_torch_layout",
+]
+
+
+def rank_dropout_keep(key: jax.Array, num_rows: int, p: float) -> jax.Array:
+    """Boolean keep-mask over ``num_rows`` output rows: ``uniform(key, (num_rows,)) > p``."""
+    return jax.random.uniform(key, (num_rows,)) > p
+
+
+def apply_rank_dropout(weight: jax.Array, keep: jax.Array, *, rescale: bool) -> jax.Array:
+    """Zero the dropped output rows of ``weight`` ``(out, ...)`` (PyTorch layout); ``keep`` is ``(out,)``.
+
+    With ``rescale`` kept rows are divided by ``mean(keep)``; an all-dropped mask gives zeros
+    (PEFT gives NaN; docs/DEVIATIONS.md).
+    """
+    mask = keep.astype(weight.dtype)
+    if rescale:
+        mask = mask / jnp.maximum(mask.mean(), jnp.finfo(mask.dtype).tiny)
+    return weight * mask.reshape((-1,) + (1,) * (weight.ndim - 1))
+
+
+def to_flax_kernel(weight: Any) -> Any:
+    """PyTorch layout -> Flax kernel: ``(out, in)`` -> ``(in, out)``; ``(out, in/g, *k)`` -> ``(*k, in/g, out)``."""
+    return weight.transpose((*range(2, weight.ndim), 1, 0))
+
+
+def to_torch_layout(kernel: Any) -> Any:
+    """Flax kernel -> PyTorch layout (inverse of :func:`to_flax_kernel`)."""
+    n = kernel.ndim
+    return kernel.transpose((n - 1, n - 2, *range(n - 2)))
+
+
+def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``,
+    ``fan_in = shape[1] * prod(shape[2:])`` (PyTorch layout)."""
+    bound = 1.0 / math.sqrt(shape[1] * math.prod(shape[2:]))
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+
+class _KernelView:
+    """The base layer seen with another kernel, no bias and no fixed compute dtype."""
+
+    def __init__(self, base_layer: Any, kernel: jax.Array) -> None:
+        self._base_layer = base_layer
+        self.kernel = kernel
+        self.bias = None
+        self.use_bias = False
+        self.dtype = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base_layer, name)
+
+
+def forward_with_weight(base_layer: Any, x: jax.Array, weight: jax.Array, **kwargs: Any) -> jax.Array:
+    """Run the base layer's *own* ``__call__`` with ``weight`` (PyTorch layout) as its kernel, no bias.
+
+    Works for any layer whose forward reads ``self.kernel[...]``/``self.bias`` (``nnx.Linear``,
+    ``nnx.Conv`` with every padding mode, strides, dilation, groups, masks), so the delta branch
+    is computed exactly like the merged layer. ``kwargs`` (e.g. ``out_sharding``) pass through.
+    """
+    return type(base_layer).__call__(_KernelView(base_layer, to_flax_kernel(weight)), x, **kwargs)

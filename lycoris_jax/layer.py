@@ -1,0 +1,349 @@
+"""Flax NNX adapter layers: one wrapper per algorithm serving ``nnx.Linear`` and ``nnx.Conv`` (1-D/2-D).
+
+Mirrors ``lycoris_torch.layer``. State is a dict of structs: ``plans[name]`` is the frozen
+``lycoris_core.AdapterPlan`` (static), ``factors[name]`` an ``nnx.Dict`` of :class:`LycorisParam`
+in PEFT's names and PyTorch layouts, ``scaling[name]`` the live scale (a static Python float,
+so changing it retraces a jitted function once). The delta branch runs the base layer's own
+forward with ΔW as its kernel (``functional.forward_with_weight``), so merged and unmerged outputs
+agree for every padding mode, stride, dilation and group count.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr, state
+from lycoris_jax import functional, loha, lokr
+
+__all__ = ["SUPPORTED_LAYERS", "LoHaLayer", "LoKrLayer", "LycorisLayer", "LycorisParam", "layer_shape_of"]
+
+#: Base layer types the built-in adapters wrap.
+SUPPORTED_LAYERS: tuple[type[nnx.Module], ...] = (nnx.Linear, nnx.Conv)
+
+
+class LycorisParam(nnx.Param):
+    """An adapter factor. ``nnx.Optimizer(model, tx, wrt=LycorisParam)``, ``nnx.DiffState(0, LycorisParam)``
+    and ``nnx.state(model, LycorisParam)`` select exactly the adapters."""
+
+
+def layer_shape_of(module: Any, where: str = "") -> LayerShape:
+    """The plan's view of a supported base layer; ``TypeError`` listing the supported types otherwise."""
+    if isinstance(module, nnx.Linear):
+        return LayerShape("linear", module.out_features, module.in_features)
+    if isinstance(module, nnx.Conv) and len(module.kernel_size) in (1, 2):
+        groups = module.feature_group_count
+        kind = "conv1d" if len(module.kernel_size) == 1 else "conv2d"
+        return LayerShape(kind, module.out_features, module.in_features // groups, tuple(module.kernel_size), groups)
+    detail = f" with {len(module.kernel_size)} spatial dims" if isinstance(module, nnx.Conv) else ""
+    raise TypeError(
+        f"{where or 'target'}: target module of type {type(module).__name__}{detail} not supported, "
+        "currently only adapters for Linear, Conv (1-D and 2-D) are supported"
+    )
+
+
+def _adapter_dtype(kernel_dtype: Any, autocast: bool) -> Any:
+    """PEFT's rule: adapters take the base dtype, and fp16/bf16 are autocast to float32."""
+    if autocast and kernel_dtype in (jnp.bfloat16, jnp.float16):
+        return jnp.float32
+    return kernel_dtype if jnp.issubdtype(kernel_dtype, jnp.floating) else jnp.float32
+
+
+class LycorisLayer(nnx.Module, abc.ABC):
+    """Base of every adapter layer; wraps ``base_layer`` and adds ``Σ_active f(x; ΔW_name)``.
+
+    Subclasses implement ``_available_adapters``, ``create_adapter_parameters``,
+    ``reset_adapter_parameters``, ``update_layer``, ``get_delta_weight`` and
+    ``_get_delta_activations``; they register each adapter with :meth:`_register_adapter`.
+    ``deterministic`` follows ``model.train()`` / ``model.eval()``; dropout keys come from
+    ``rngs.dropout()``, initialisation keys from ``rngs.params()``.
+    """
+
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nnx.Module, *, rngs: nnx.Rngs) -> None:
+        self.base_layer = base_layer
+        self.factors = nnx.Dict()
+        self.plans: dict[str, AdapterPlan] = {}
+        self.scaling: dict[str, float] = {}
+        self._active_adapter: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self.cast_input_dtype_enabled = True
+        self.deterministic = False
+        self.rngs = rngs
+
+    # ------------------------------------------------------------------ interface
+    @property
+    @abc.abstractmethod
+    def _available_adapters(self) -> set[str]:
+        """Names of the adapters that hold parameters in this layer."""
+
+    @abc.abstractmethod
+    def create_adapter_parameters(self, adapter_name: str, r: int, **kwargs: Any) -> None:
+        """Create the factor parameters for ``adapter_name``."""
+
+    @abc.abstractmethod
+    def reset_adapter_parameters(self, adapter_name: str) -> None:
+        """Initialise the factors of ``adapter_name``."""
+
+    @abc.abstractmethod
+    def update_layer(self, adapter_name: str, r: int, alpha: float, **kwargs: Any) -> None:
+        """Add adapter ``adapter_name`` with rank ``r`` and ``alpha`` to this layer."""
+
+    @abc.abstractmethod
+    def get_delta_weight(
+        self, adapter_name: str, *, apply_rank_dropout: bool = False, rank_dropout_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """ΔW in the base weight's *PyTorch* layout, optionally with rank dropout over output rows."""
+
+    @abc.abstractmethod
+    def _get_delta_activations(self, adapter_name: str, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The adapter's contribution added to the base layer's output."""
+
+    # ------------------------------------------------------------------ state
+    def get_base_layer(self) -> nnx.Module:
+        base = self.base_layer
+        while isinstance(base, LycorisLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def kernel(self) -> nnx.Param:
+        return self.get_base_layer().kernel
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def _register_adapter(self, adapter_name: str, plan: AdapterPlan) -> None:
+        self.plans = {**self.plans, adapter_name: plan}
+        self.scaling = {**self.scaling, adapter_name: plan.scaling}
+
+    def _create_factors(self, adapter_name: str, plan: AdapterPlan, dtype: Any) -> None:
+        """Factors per the plan: zeros, or PyTorch-style Kaiming uniform from ``rngs.params()``."""
+        params = {}
+        for name, shape, init in plan.factors:
+            if init == "zeros":
+                value = jnp.zeros(shape, dtype)
+            else:
+                value = functional.kaiming_uniform(self.rngs.params(), shape, jnp.float32).astype(dtype)
+            params[name] = LycorisParam(value)
+        self.factors[adapter_name] = nnx.Dict(params)
+
+    def _factor_values(self, adapter_name: str) -> dict[str, jax.Array]:
+        return {name: param[...] for name, param in self.factors[adapter_name].items()}
+
+    # ------------------------------------------------------------------ adapter management
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Activate ``adapter_names`` (training selects parameters by type, not by activity)."""
+        self._active_adapter = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; if it was the only active one, activate the first remaining."""
+        if adapter_name in self.factors:
+            del self.factors[adapter_name]
+        self.plans = {k: v for k, v in self.plans.items() if k != adapter_name}
+        self.scaling = {k: v for k, v in self.scaling.items() if k != adapter_name}
+        if adapter_name in self._active_adapter:
+            remaining = [n for n in self._active_adapter if n != adapter_name]
+            if not remaining and self.plans:
+                remaining = [sorted(self.plans)[0]]
+                warnings.warn(
+                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}."
+                )
+            self.set_adapter(remaining)
+
+    # ------------------------------------------------------------------ merge
+    def _merge_names(self, adapter_names: Sequence[str] | None) -> list[str]:
+        return state.adapters_to_merge(
+            adapter_names, self.active_adapters, self.merged_adapters, self._available_adapters
+        )
+
+    def _merged_kernel(self, names: Sequence[str], *, sign: int = 1, check: bool = False, where: str = "") -> jax.Array:
+        """The kernel with ``sign * ΔW`` of each of ``names`` added, rounded to the kernel dtype at each
+        step (PEFT's in-place ``W += ΔW``). With ``check``, ``ValueError`` on any NaN or ±inf."""
+        kernel = self.get_base_layer().kernel[...]
+        for name in names:
+            kernel = (kernel + sign * functional.to_flax_kernel(self.get_delta_weight(name))).astype(kernel.dtype)
+            if check and not bool(jnp.isfinite(kernel).all()):
+                raise ValueError(
+                    f"{where + ': ' if where else ''}NaNs detected in the merged weights. "
+                    f"The adapter {name} seems to be broken"
+                )
+        return kernel
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """``W += ΔW`` for ``adapter_names`` (default: the active ones) not merged yet.
+
+        With ``safe_merge`` the sum is formed on a copy and checked for NaN and ±inf first; on
+        failure nothing changes, not even for adapters earlier in the same call.
+        """
+        names = self._merge_names(adapter_names)
+        if not names:
+            return
+        self.get_base_layer().kernel.value = self._merged_kernel(names, check=safe_merge)
+        self.merged_adapters = [*self.merged_adapters, *names]
+
+    def unmerge(self) -> None:
+        """Subtract merged adapters in LIFO order, with ΔW recomputed from the current factors/scale."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        names = [n for n in reversed(self.merged_adapters) if n in self._available_adapters]
+        self.get_base_layer().kernel.value = self._merged_kernel(names, sign=-1)
+        self.merged_adapters = []
+
+    # ------------------------------------------------------------------ scaling
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """``scaling = scale * alpha / r``; no-op for an adapter this layer does not hold."""
+        self.scaling = state.set_scale(self.scaling, self.plans, adapter, scale)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of every active adapter by ``scale``."""
+        self.scaling = state.scale_layer(self.scaling, self.active_adapters, scale)
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
+        self.scaling = state.unscale_layer(self.scaling, self.plans, self.active_adapters, scale)
+
+    # ------------------------------------------------------------------ forward
+    def _cast_input_dtype(self, x: jax.Array | None, dtype: Any) -> jax.Array | None:
+        if x is None or not self.cast_input_dtype_enabled or x.dtype == dtype:
+            return x
+        return x.astype(dtype)
+
+    def _rank_dropout(self, adapter_name: str, weight: jax.Array, apply: bool, mask: jax.Array | None) -> jax.Array:
+        """Rank dropout over ΔW's output rows: an explicit ``mask`` (out,), or a draw when ``apply``."""
+        plan = self.plans[adapter_name]
+        if mask is None and not apply:
+            return weight
+        if mask is None:
+            mask = functional.rank_dropout_keep(self.rngs.dropout(), weight.shape[0], plan.rank_dropout)
+        return functional.apply_rank_dropout(weight, mask, rescale=plan.rank_dropout_scale)
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            result = self.base_layer(x, *args, **kwargs)
+        elif self.merged:
+            result = self.base_layer(x, *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            for name in self.active_adapters:
+                if name not in self._available_adapters:
+                    continue
+                delta = self._get_delta_activations(name, x, *args, **kwargs)
+                p = self.plans[name].module_dropout
+                if self.deterministic or p == 0:
+                    result = result + delta
+                else:
+                    result = jnp.where(jax.random.uniform(self.rngs.dropout()) > p, result + delta, result)
+        return result.astype(previous_dtype)
+
+
+class _FactorizedLayer(LycorisLayer):
+    """Adapters whose factors follow a ``lycoris_core`` plan and whose ΔW is a pure function of them."""
+
+    plan_fn: ClassVar[Callable[..., AdapterPlan]]
+    delta_fn: ClassVar[Callable[..., jax.Array]]
+
+    def __init__(
+        self,
+        base_layer: nnx.Module,
+        adapter_name: str,
+        config: Any,
+        r: int,
+        alpha: float,
+        *,
+        rngs: nnx.Rngs,
+        autocast_adapter_dtype: bool = True,
+        module_path: str = "",
+    ) -> None:
+        super().__init__(base_layer, rngs=rngs)
+        self.layer_shape = layer_shape_of(self.get_base_layer(), module_path)
+        self.module_path = module_path
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, r, alpha, config=config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    @property
+    def _available_adapters(self) -> set[str]:
+        return set(self.plans)
+
+    def plan(self, r: int, alpha: float, config: Any) -> AdapterPlan:
+        """This layer's factor plan for one adapter (pure; raises on bad rank)."""
+        return type(self).plan_fn(self.layer_shape, r, alpha, config, where=self.module_path)
+
+    def create_adapter_parameters(
+        self, adapter_name: str, r: int, *, plan: AdapterPlan, autocast_adapter_dtype: bool = True, **kwargs: Any
+    ) -> None:
+        dtype = _adapter_dtype(self.get_base_layer().kernel.dtype, autocast_adapter_dtype)
+        self._create_factors(adapter_name, plan, dtype)
+
+    def reset_adapter_parameters(self, adapter_name: str) -> None:
+        dtype = next(iter(self.factors[adapter_name].values())).dtype
+        self._create_factors(adapter_name, self.plans[adapter_name], dtype)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        *,
+        config: Any,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        plan = self.plan(r, alpha, config)
+        self._register_adapter(adapter_name, plan)
+        self.create_adapter_parameters(adapter_name, r, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def get_delta_weight(
+        self, adapter_name: str, *, apply_rank_dropout: bool = False, rank_dropout_mask: jax.Array | None = None
+    ) -> jax.Array:
+        weight = type(self).delta_fn(
+            self._factor_values(adapter_name), self.scaling[adapter_name], self.layer_shape.weight_shape
+        )
+        return self._rank_dropout(adapter_name, weight, apply_rank_dropout, rank_dropout_mask)
+
+    def _get_delta_activations(self, adapter_name: str, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        apply = not self.deterministic and bool(self.plans[adapter_name].rank_dropout)
+        delta = self.get_delta_weight(adapter_name, apply_rank_dropout=apply)
+        return functional.forward_with_weight(
+            self.get_base_layer(), self._cast_input_dtype(x, delta.dtype), delta, **kwargs
+        )
+
+
+class LoHaLayer(_FactorizedLayer):
+    """LoHa adapter on an ``nnx.Linear`` or ``nnx.Conv`` (factors ``hada_*``)."""
+
+    adapter_layer_names = LOHA_FACTORS
+    plan_fn = staticmethod(plan_loha)
+    delta_fn = staticmethod(loha.delta_weight)
+
+
+class LoKrLayer(_FactorizedLayer):
+    """LoKr adapter on an ``nnx.Linear`` or ``nnx.Conv`` (factors ``lokr_*``)."""
+
+    adapter_layer_names = LOKR_FACTORS
+    plan_fn = staticmethod(plan_lokr)
+    delta_fn = staticmethod(lokr.delta_weight)

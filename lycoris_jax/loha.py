@@ -1,0 +1,46 @@
+"""LoHa math: ΔW from factors in PEFT's names and layouts (JAX twin of ``lycoris_torch.loha``).
+
+Plain form: ``hada_w1_a (out, r)``, ``hada_w1_b (r, in·K)``, same for ``w2``;
+``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · scale``.
+CP form (effective conv): ``hada_w{1,2}_a (r, out)``, ``hada_w{1,2}_b (r, in)``,
+``hada_t{1,2} (r, r, kh, kw)`` (Conv1d: ``(r, r, k, 1)``).
+
+Pure ``jax.numpy``: jit-, grad- and vmap-friendly; gradients are exact for both forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["delta_weight", "make_weight", "make_weight_cp"]
+
+
+def make_weight(w1_a: jax.Array, w1_b: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: float) -> jax.Array:
+    """``((w1_a @ w1_b) * (w2_a @ w2_b)) * scale``: ``(out, r) x (r, in')`` pairs -> ``(out, in')``."""
+    return ((w1_a @ w1_b) * (w2_a @ w2_b)) * scale
+
+
+def make_weight_cp(
+    t1: jax.Array, w1_a: jax.Array, w1_b: jax.Array, t2: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: float
+) -> jax.Array:
+    """CP/Tucker form: ``W_i[p, q, h, w] = Σ t_i[a, b, h, w] w_i_a[a, p] w_i_b[b, q]``; returns
+    ``W_1 ⊙ W_2 · scale`` of shape ``(out, in, kh, kw)``."""
+    rebuild1 = jnp.einsum("ijkl,jr,ip->prkl", t1, w1_b, w1_a)
+    rebuild2 = jnp.einsum("ijkl,jr,ip->prkl", t2, w2_b, w2_a)
+    return rebuild1 * rebuild2 * scale
+
+
+def delta_weight(factors: Mapping[str, jax.Array], scale: float, weight_shape: Sequence[int]) -> jax.Array:
+    """ΔW in the base weight's PyTorch layout ``weight_shape`` (C-order reshape), from factors
+    keyed by PEFT's names (``hada_w1_a``, ..., optionally ``hada_t1``/``hada_t2``)."""
+    f = factors
+    if "hada_t1" in f:
+        weight = make_weight_cp(
+            f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"], f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"], scale
+        )
+    else:
+        weight = make_weight(f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"], scale)
+    return weight.reshape(tuple(weight_shape))

@@ -1,0 +1,1 @@
+"""Cross-framework parity harness for lycoris_torch, lycoris_jax and real PEFT."""
