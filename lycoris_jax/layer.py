@@ -199,7 +199,7 @@ class LycorisLayer(nnx.Module, abc.ABC):
         names = self._merge_names(adapter_names)
         if not names:
             return
-        self.get_base_layer().kernel.value = self._merged_kernel(names, check=safe_merge)
+        self.get_base_layer().kernel[...] = self._merged_kernel(names, check=safe_merge)
         self.merged_adapters = [*self.merged_adapters, *names]
 
     def unmerge(self) -> None:
@@ -208,7 +208,7 @@ class LycorisLayer(nnx.Module, abc.ABC):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         names = [n for n in reversed(self.merged_adapters) if n in self._available_adapters]
-        self.get_base_layer().kernel.value = self._merged_kernel(names, sign=-1)
+        self.get_base_layer().kernel[...] = self._merged_kernel(names, sign=-1)
         self.merged_adapters = []
 
     # ------------------------------------------------------------------ scaling

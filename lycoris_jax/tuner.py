@@ -110,15 +110,21 @@ class LycorisTuner(nnx.Module):
 
     # ------------------------------------------------------------------ walking the graph
     def _modules(self) -> dict[str, tuple[Path, nnx.Module]]:
-        """``{dotted name: (path, module)}`` for every module outside existing adapter layers."""
+        """``{dotted name: (path, module)}`` in pre-order (siblings in NNX's sorted order), skipping
+        shared modules seen before and everything inside existing adapter layers."""
         found: dict[str, tuple[Path, nnx.Module]] = {}
-        inside: list[Path] = []
-        for path, module in sorted(nnx.iter_modules(self.model), key=lambda pm: len(pm[0])):
-            if any(path[: len(p)] == p for p in inside):
-                continue
+        seen: set[int] = set()
+
+        def walk(path: Path, module: nnx.Module) -> None:
+            seen.add(id(module))
             found[_name(path)] = (path, module)
             if isinstance(module, LycorisLayer):
-                inside.append(path)
+                return
+            for key, child in nnx.iter_children(module):
+                if isinstance(child, nnx.Module) and id(child) not in seen:
+                    walk((*path, key), child)
+
+        walk((), self.model)
         return found
 
     def _lycoris_layers(self) -> Iterator[tuple[str, LycorisLayer]]:
@@ -241,7 +247,7 @@ class LycorisTuner(nnx.Module):
                 for key, names in by_module.items():
                     params = modules[key][1].factors[adapter_name]
                     for name, ckpt_key in names.items():
-                        params[name].value = jnp.asarray(state[ckpt_key], params[name].dtype)
+                        params[name][...] = jnp.asarray(state[ckpt_key], params[name].dtype)
 
         self._inject(adapter_name, config, plans, fill)
         self.set_adapter(adapter_name if len(self.peft_config) == 1 else self.active_adapter)
@@ -328,7 +334,7 @@ class LycorisTuner(nnx.Module):
             if names:
                 staged.append((layer, names, layer._merged_kernel(names, check=safe_merge, where=key)))
         for layer, names, kernel in staged:
-            layer.get_base_layer().kernel.value = kernel
+            layer.get_base_layer().kernel[...] = kernel
             layer.merged_adapters = [*layer.merged_adapters, *names]
 
     def unmerge_adapter(self) -> None:

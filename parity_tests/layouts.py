@@ -51,4 +51,4 @@ def load_torch_state_into_nnx(model: Any, state: Mapping[str, Any]) -> None:
             raise ValueError(f"{key}: no Flax counterpart for torch parameter {name!r}")
         if tuple(variable.shape) != array.shape:
             raise ValueError(f"{key}: torch shape {array.shape} does not fit Flax shape {tuple(variable.shape)}")
-        variable.value = jnp.asarray(array, variable.dtype)
+        variable[...] = jnp.asarray(array, variable.dtype)
