@@ -136,12 +136,16 @@ class LycorisLayer(nnx.Module, abc.ABC):
 
     def _create_factors(self, adapter_name: str, plan: AdapterPlan, dtype: Any) -> None:
         """Factors per the plan: zeros, or PyTorch-style Kaiming uniform from ``rngs.params()``."""
+        kernel_dtype = self.get_base_layer().kernel.dtype
+        round_through = kernel_dtype if jnp.issubdtype(kernel_dtype, jnp.floating) else dtype
         params = {}
         for name, shape, init in plan.factors:
             if init == "zeros":
                 value = jnp.zeros(shape, dtype)
             else:
-                value = functional.kaiming_uniform(self.rngs.params(), shape, jnp.float32).astype(dtype)
+                # Rounded through the base dtype first, as PEFT does before its float32 autocast.
+                value = functional.kaiming_uniform(self.rngs.params(), shape, jnp.float32)
+                value = value.astype(round_through).astype(dtype)
             params[name] = LycorisParam(value)
         self.factors[adapter_name] = nnx.Dict(params)
 

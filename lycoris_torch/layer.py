@@ -161,8 +161,12 @@ class LycorisLayer(nn.Module, ABC):
         dtype = _adapter_dtype(weight, autocast_adapter_dtype)
         params = self.factors[adapter_name]
         for name, param in params.items():
-            if not param.is_meta and (param.device != weight.device or param.dtype != dtype):
-                params[name] = nn.Parameter(param.detach().to(weight.device, dtype), requires_grad=param.requires_grad)
+            if param.is_meta:
+                continue
+            # PEFT moves new factors to the base dtype and only then autocasts them to float32,
+            # so with a bf16/fp16 base the initial values are rounded through it: same here.
+            value = param.detach().to(weight.device, weight.dtype if weight.dtype.is_floating_point else dtype)
+            params[name] = nn.Parameter(value.to(dtype), requires_grad=param.requires_grad)
 
     def _init_empty_weights(self, cls: type, *args: Any, **kwargs: Any) -> None:
         """Run ``cls.__init__`` on the meta device, then allocate uninitialised storage on ``device``."""

@@ -41,7 +41,7 @@ TOL: dict[tuple[str, str], float] = {
     ("fp32", "merge_weight"): 1e-6,  # W + ΔW, one rounding per element
     ("fp32", "merge_forward"): 1e-6,  # forward through the merged weight
     ("fp32", "unmerge_weight"): 1e-6,  # W + ΔW - ΔW, compared with PEFT's unmerged weight
-    ("fp32", "unmerge_vs_orig"): 1e-6,  # (W + ΔW) - ΔW vs W: two fp32 roundings of |W + ΔW|
+    ("fp32", "unmerge_vs_orig"): 1e-6,  # (W + ΔW) - ΔW vs W, relative to max|W + ΔW|: two fp32 roundings
     ("fp32", "scale_forward"): 1e-6,  # forward after each scale op (scaling is a Python float on both sides)
     ("fp32", "load_forward"): 1e-6,  # forward after a checkpoint round trip (values are copied exactly)
     ("fp32", "checkpoint"): 0.0,  # saved tensors are the parameters themselves
@@ -51,7 +51,7 @@ TOL: dict[tuple[str, str], float] = {
     ("bf16", "merge_weight"): 2**-8,  # bf16(fp32(W) + ΔW), rounded once: ≤ 1 ulp
     ("bf16", "merge_forward"): 2**-8,  # bf16 conv/matmul with identical bf16 weights
     ("bf16", "unmerge_weight"): 2**-8,  # bf16(fp32(W') - ΔW), compared with PEFT's: ≤ 1 ulp
-    ("bf16", "unmerge_vs_orig"): 2**-6,  # two bf16 roundings of W + ΔW (ΔW up to ~|W|): a few ulp of |W|
+    ("bf16", "unmerge_vs_orig"): 2**-7,  # as fp32: two bf16 roundings, each ≤ half an ulp (2^-8) of max|W + ΔW|
     ("bf16", "scale_forward"): 2**-8,  # as forward
     ("bf16", "load_forward"): 2**-8,  # as forward
     ("bf16", "checkpoint"): 0.0,  # saved tensors are fp32 parameters
@@ -70,9 +70,18 @@ def _record(dtype: str, op: str, max_abs: float, max_rel: float, case_id: str) -
     )
     row["checks"] = int(row["checks"]) + 1
     row["max_abs"] = max(float(row["max_abs"]), max_abs)
-    if max_rel > float(row["max_rel"]) or not row["worst_case"]:
-        row["max_rel"] = max(float(row["max_rel"]), max_rel)
+    if max_rel > float(row["max_rel"]):
+        row["max_rel"] = max_rel
         row["worst_case"] = case_id
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Run torch single-threaded: the tensors are tiny, and intra-op threads only add overhead (5x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,14 +95,17 @@ def _report_max_errors():
     for key, row in sorted(MAX_ERRORS.items()):
         lines.append(
             f"{key:<22} {row['checks']:>6} {row['max_abs']:>10.3e} {row['max_rel']:>10.3e} {row['tol']:>9.2e}"
-            f"  {row['worst_case']}"
+            f"  {row['worst_case'] or '(all bit-exact)'}"
         )
     print("\nPEFT oracle, largest error vs PEFT (rel = max|ours-PEFT| / max|PEFT|):\n" + "\n".join(lines))
     print(f"written to {REPORT_PATH}")
 
 
-def assert_close(case_id: str, dtype: str, op: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """``max|actual - expected| <= TOL[(dtype, op)] * max|expected|``; the message names case and operation."""
+def assert_close(
+    case_id: str, dtype: str, op: str, actual: torch.Tensor, expected: torch.Tensor, ref_scale: float | None = None
+) -> None:
+    """``max|actual - expected| <= TOL[(dtype, op)] * max|expected|`` (or ``* ref_scale``); the message names
+    case and operation."""
     tol = TOL[(dtype, op)]
     assert actual.shape == expected.shape, (
         f"{case_id} [{op}]: shape {tuple(actual.shape)}, PEFT {tuple(expected.shape)}"
@@ -102,14 +114,14 @@ def assert_close(case_id: str, dtype: str, op: str, actual: torch.Tensor, expect
     assert bool(torch.isfinite(e).all()), f"{case_id} [{op}]: PEFT's reference is not finite"
     diff = (a - e).abs().nan_to_num(nan=math.inf)
     max_abs = float(diff.max()) if diff.numel() else 0.0
-    scale = float(e.abs().max()) if e.numel() else 0.0
+    scale = ref_scale if ref_scale is not None else float(e.abs().max()) if e.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
     _record(dtype, op, max_abs, max_rel, case_id)
     if max_rel > tol:
         flat = int(diff.argmax())
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
         raise AssertionError(
-            f"{case_id} [{op}]: max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (vs max|PEFT| {scale:.3e}, "
+            f"{case_id} [{op}]: max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (vs {scale:.3e}, "
             f"tol {tol:.1e}) at index {idx}: ours {a[idx].item()!r}, PEFT {e[idx].item()!r}"
         )
 
@@ -185,7 +197,7 @@ def _generate_cases() -> list[Case]:
     A flag is a no-op when PEFT ignores it for that layer/rank: ``use_effective_conv2d`` on Linear
     and kernel-1 convs (and, for LoKr, whenever w2 is full), ``decompose_both`` whenever w1 stays
     full. Such no-op variants are kept only as witnesses in the fp32, ``init_weights=False`` slice
-    (they must give the same factors as without the flag); elsewhere they would repeat a case.
+    (they check that we ignore the flag exactly where PEFT does); elsewhere they would repeat a case.
     """
     cases = []
     for alg, (name, layer), dtype, r in itertools.product(("loha", "lokr"), LAYERS.items(), ("fp32", "bf16"), (2, 16)):
@@ -336,17 +348,19 @@ def test_matches_peft(case: Case, tmp_path: Path) -> None:
 
     # (4) merge -> forward and weight; unmerge -> weight back (plain and safe merge)
     w0 = o_layer.weight.detach().clone()
+    w0_scale = float(w0.abs().max())
     for safe in (False, True):
         peft_model.merge_adapter(safe_merge=safe)
         tuner.merge_adapter(safe_merge=safe)
         assert o_layer.merged_adapters == p_layer.merged_adapters == ["default"], cid
         assert_close(f"{cid}:safe={safe}", dtype, "merge_weight", o_layer.weight, p_layer.weight)
         assert_close(f"{cid}:safe={safe}", dtype, "merge_forward", *_forward_pair(peft_model, tuner, x))
+        merged_scale = float(o_layer.weight.detach().abs().max())
         peft_model.unmerge_adapter()
         tuner.unmerge_adapter()
         assert not o_layer.merged and not p_layer.merged, cid
         assert_close(f"{cid}:safe={safe}", dtype, "unmerge_weight", o_layer.weight, p_layer.weight)
-        assert_close(f"{cid}:safe={safe}", dtype, "unmerge_vs_orig", o_layer.weight, w0)
+        assert_close(f"{cid}:safe={safe}", dtype, "unmerge_vs_orig", o_layer.weight, w0, max(merged_scale, w0_scale))
     with torch.no_grad():  # later steps start from identical weights on both sides
         o_layer.weight.copy_(w0)
         p_layer.weight.copy_(w0)
@@ -355,7 +369,7 @@ def test_matches_peft(case: Case, tmp_path: Path) -> None:
     name = sorted(o_layer.factors["default"])[0]
     o_param, p_param = o_layer.factors["default"][name], getattr(p_layer, name)["default"]
     idx = (0,) * o_param.dim()
-    keep = float(o_param[idx])
+    keep = o_param.detach()[idx].item()
     for bad in (math.nan, math.inf):
         with torch.no_grad():
             o_param[idx] = bad
@@ -389,7 +403,6 @@ def test_matches_peft(case: Case, tmp_path: Path) -> None:
     assert o_layer.scaling["default"] == ALPHA / case.r, cid
 
     # (7) checkpoints both ways
-    y_ours, y_peft = _forward_pair(peft_model, tuner, x)
     peft_model.save_pretrained(tmp_path / "peft")
     tuner.save_pretrained(tmp_path / "ours")
     saved_peft = load_file(tmp_path / "peft" / "adapter_model.safetensors")
@@ -409,7 +422,6 @@ def test_matches_peft(case: Case, tmp_path: Path) -> None:
     assert isinstance(merged_ours.layer, type(base.layer)), cid
     assert_close(f"{cid}:merge_and_unload", dtype, "merge_weight", merged_ours.layer.weight, merged_peft.layer.weight)
     assert_close(f"{cid}:merge_and_unload", dtype, "merge_forward", *_forward_pair(merged_peft, merged_ours, x))
-    assert_close(f"{cid}:merge_and_unload vs unmerged", dtype, "forward", y_ours, y_peft)
 
 
 # --------------------------------------------------------------------------- several adapters, disable
@@ -434,6 +446,8 @@ def _two_adapters(alg: str) -> dict[str, dict[str, object]]:
     }
 
 
+# PEFT warns that "a" is a substring of the "hada_" prefix; it only matters when loading checkpoints.
+@pytest.mark.filterwarnings("ignore:Adapter name 'a' should not be contained")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("alg", ["loha", "lokr"])
 def test_several_active_adapters_and_disable(alg: str, dtype: str) -> None:
@@ -457,6 +471,12 @@ def test_several_active_adapters_and_disable(alg: str, dtype: str) -> None:
     assert_close(f"{cid}:active=a,b", dtype, "forward", y_ab, y_ab_peft)
     assert not torch.equal(y_ab, y_a), f"{cid}: adapter b changes nothing"
 
+    with peft_model.disable_adapter(), tuner.disable_adapter():
+        y_ours, y_peft = _forward_pair(peft_model, tuner, x)
+    assert torch.equal(y_ours, y_base), f"{cid} [disable_adapter]: ours differs from the base model"
+    assert torch.equal(y_peft, y_base), f"{cid} [disable_adapter]: PEFT differs from the base model"
+    assert_close(f"{cid}:after disable", dtype, "forward", *_forward_pair(peft_model, tuner, x))
+
     peft_model.merge_adapter()
     tuner.merge_adapter()
     assert_close(f"{cid}:merged a,b", dtype, "merge_forward", *_forward_pair(peft_model, tuner, x))
@@ -467,20 +487,21 @@ def test_several_active_adapters_and_disable(alg: str, dtype: str) -> None:
     peft_model.unmerge_adapter()
     tuner.unmerge_adapter()
 
-    with peft_model.disable_adapter(), tuner.disable_adapter():
-        y_ours, y_peft = _forward_pair(peft_model, tuner, x)
-    assert torch.equal(y_ours, y_base), f"{cid} [disable_adapter]: ours differs from the base model"
-    assert torch.equal(y_peft, y_base), f"{cid} [disable_adapter]: PEFT differs from the base model"
-    assert_close(f"{cid}:after disable", dtype, "forward", *_forward_pair(peft_model, tuner, x))
-
     # disabling a merged model unmerges it on the next forward (both sides)
+    ours_layers = dict(tuner._lycoris_layers())
+    before = {key: layer.weight.detach().clone() for key, layer in ours_layers.items()}
     peft_model.merge_adapter()
     tuner.merge_adapter()
+    scales = {key: float(layer.weight.detach().abs().max()) for key, layer in ours_layers.items()}
     with peft_model.disable_adapter(), tuner.disable_adapter():
         y_ours, y_peft = _forward_pair(peft_model, tuner, x)
     assert_close(f"{cid}:disable merged", dtype, "merge_forward", y_ours, y_peft)
-    assert_close(f"{cid}:disable merged vs base", dtype, "unmerge_vs_orig", y_ours, y_base)
-    assert not any(layer.merged for _, layer in tuner._lycoris_layers()), cid
+    for key, layer in _peft_layers(peft_model).items():
+        ours = ours_layers[key]
+        assert not ours.merged and not layer.merged, f"{cid}:disable merged:{key}: still merged"
+        assert_close(f"{cid}:disable merged:{key}", dtype, "unmerge_weight", ours.weight, layer.weight)
+        ref = max(scales[key], float(before[key].abs().max()))
+        assert_close(f"{cid}:disable merged:{key}", dtype, "unmerge_vs_orig", ours.weight, before[key], ref)
     assert_close(f"{cid}:after disable merged", dtype, "forward", *_forward_pair(peft_model, tuner, x))
 
 
