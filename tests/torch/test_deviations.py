@@ -216,3 +216,24 @@ def test_h_bf16_reload_in_inference_mode_stays_frozen(tmp_path):
     ours = lt.LycorisTuner.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), tmp_path)
     assert not any(p.requires_grad for p in ours.parameters())
     assert ours.model.a.factors["default"]["lokr_w1"].dtype == torch.float32
+
+
+def test_i_lokr_conv1d_tucker_at_rank_1_works_where_peft_crashes():
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.layer = nn.Conv1d(12, 20, 3, padding=1)
+    kw = dict(r=1, target_modules=["layer"], use_effective_conv2d=True, init_weights=False)
+    x = torch.randn(2, 12, 9)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoKrConfig(**kw))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        theirs(x)  # torch.kron on the einsum's degenerate strides
+    torch.manual_seed(1)
+    ours = lt.LoKrModel(copy.deepcopy(base), lt.LoKrConfig(**kw))
+    f = ours.model.layer.factors["default"]
+    w2 = torch.einsum("ijkl,ip,jr->prkl", f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]).clone(
+        memory_format=torch.contiguous_format
+    )
+    expected = (torch.kron(f["lokr_w1"][:, :, None, None], w2) * ours.model.layer.scaling["default"]).reshape(20, 12, 3)
+    torch.testing.assert_close(ours.model.layer.get_delta_weight("default"), expected)
+    assert ours(x).shape == (2, 20, 9)
