@@ -385,7 +385,7 @@ def test_custom_variant_matches_the_torch_custom_variant(tmp_path):
     twin = TorchLinear(torch_linear, "default", TorchConfig(r=2, alpha=4, target_modules=["x"]), r=2, alpha=4)
     with torch.no_grad():
         for name, param in layer.factors["default"].items():
-            twin.factors["default"][name].copy_(torch.from_numpy(np.asarray(param[...])))
+            twin.factors["default"][name].copy_(torch.tensor(np.asarray(param[...])))
     np.testing.assert_allclose(
         layer.get_delta_weight("default"), twin.get_delta_weight("default").detach().numpy(), rtol=1e-6
     )
