@@ -11,7 +11,6 @@ agree for every padding mode, stride, dilation and group count.
 from __future__ import annotations
 
 import abc
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -19,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr, state
+from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr
+from lycoris_core.bookkeeping import LayerBookkeeping
 from lycoris_jax import functional, loha, lokr
 
 __all__ = ["SUPPORTED_LAYERS", "LoHaLayer", "LoKrLayer", "LycorisLayer", "LycorisParam", "layer_shape_of"]
@@ -55,12 +55,14 @@ def _adapter_dtype(kernel_dtype: Any, autocast: bool) -> Any:
     return kernel_dtype if jnp.issubdtype(kernel_dtype, jnp.floating) else jnp.float32
 
 
-class LycorisLayer(nnx.Module, abc.ABC):
+class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
     """Base of every adapter layer; wraps ``base_layer`` and adds ``Σ_active f(x; ΔW_name)``.
 
     Subclasses implement ``_available_adapters``, ``create_adapter_parameters``,
     ``reset_adapter_parameters``, ``update_layer``, ``get_delta_weight`` and
     ``_get_delta_activations``; they register each adapter with :meth:`_register_adapter`.
+    Names, plans, scales, merge order and the forward's control flow come from
+    ``lycoris_core.bookkeeping.LayerBookkeeping`` (shared with the PyTorch twin).
     ``deterministic`` follows ``model.train()`` / ``model.eval()``; dropout keys come from
     ``rngs.dropout()``, initialisation keys from ``rngs.params()``.
     """
@@ -70,12 +72,7 @@ class LycorisLayer(nnx.Module, abc.ABC):
     def __init__(self, base_layer: nnx.Module, *, rngs: nnx.Rngs) -> None:
         self.base_layer = base_layer
         self.factors = nnx.Dict()
-        self.plans: dict[str, AdapterPlan] = {}
-        self.scaling: dict[str, float] = {}
-        self._active_adapter: list[str] = []
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
-        self.cast_input_dtype_enabled = True
+        self._init_bookkeeping()
         self.deterministic = False
         self.rngs = rngs
 
@@ -118,29 +115,14 @@ class LycorisLayer(nnx.Module, abc.ABC):
     def kernel(self) -> nnx.Param:
         return self.get_base_layer().kernel
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    def _register_adapter(self, adapter_name: str, plan: AdapterPlan) -> None:
-        self.plans = {**self.plans, adapter_name: plan}
-        self.scaling = {**self.scaling, adapter_name: plan.scaling}
-
-    def _create_factors(self, adapter_name: str, plan: AdapterPlan, dtype: Any) -> None:
-        """Factors per the plan: zeros, or PyTorch-style Kaiming uniform from ``rngs.params()``."""
+    def _create_factors(self, adapter_name: str, plan: AdapterPlan, dtype: Any, initialize: bool = True) -> None:
+        """Factors per the plan: zeros, or PyTorch-style Kaiming uniform from ``rngs.params()``
+        (all zeros without ``initialize``, when values are about to be loaded)."""
         kernel_dtype = self.get_base_layer().kernel.dtype
         round_through = kernel_dtype if jnp.issubdtype(kernel_dtype, jnp.floating) else dtype
         params = {}
         for name, shape, init in plan.factors:
-            if init == "zeros":
+            if init == "zeros" or not initialize:
                 value = jnp.zeros(shape, dtype)
             else:
                 # Rounded through the base dtype first, as PEFT does before its float32 autocast.
@@ -164,75 +146,34 @@ class LycorisLayer(nnx.Module, abc.ABC):
         """Remove ``adapter_name``; if it was the only active one, activate the first remaining."""
         if adapter_name in self.factors:
             del self.factors[adapter_name]
-        self.plans = {k: v for k, v in self.plans.items() if k != adapter_name}
-        self.scaling = {k: v for k, v in self.scaling.items() if k != adapter_name}
-        if adapter_name in self._active_adapter:
-            remaining = [n for n in self._active_adapter if n != adapter_name]
-            if not remaining and self.plans:
-                remaining = [sorted(self.plans)[0]]
-                warnings.warn(
-                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}."
-                )
-            self.set_adapter(remaining)
+        self._forget_adapter(adapter_name)
 
     # ------------------------------------------------------------------ merge
-    def _merge_names(self, adapter_names: Sequence[str] | None) -> list[str]:
-        return state.adapters_to_merge(
-            adapter_names, self.active_adapters, self.merged_adapters, self._available_adapters
-        )
-
-    def _merged_kernel(self, names: Sequence[str], *, sign: int = 1, check: bool = False, where: str = "") -> jax.Array:
-        """The kernel with ``sign * ΔW`` of each of ``names`` added, rounded to the kernel dtype at each
-        step (PEFT's in-place ``W += ΔW``). With ``check``, ``ValueError`` on any NaN or ±inf."""
+    def _merged_weight(self, names: Sequence[str], *, sign: int = 1, check: bool = False, where: str = "") -> jax.Array:
+        """The kernel with ``sign * ΔW`` of each of ``names`` added, rounded to the kernel dtype after
+        each adapter (PEFT's in-place ``W += ΔW``); ``check`` raises on NaN or ±inf."""
         kernel = self.get_base_layer().kernel[...]
         for name in names:
             kernel = (kernel + sign * functional.to_flax_kernel(self.get_delta_weight(name))).astype(kernel.dtype)
             if check and not bool(jnp.isfinite(kernel).all()):
-                raise ValueError(
-                    f"{where + ': ' if where else ''}NaNs detected in the merged weights. "
-                    f"The adapter {name} seems to be broken"
-                )
+                raise self._nonfinite_error(where, name)
         return kernel
 
-    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
-        """``W += ΔW`` for ``adapter_names`` (default: the active ones) not merged yet.
-
-        With ``safe_merge`` the sum is formed on a copy and checked for NaN and ±inf first; on
-        failure nothing changes, not even for adapters earlier in the same call.
-        """
-        names = self._merge_names(adapter_names)
-        if not names:
-            return
-        self.get_base_layer().kernel[...] = self._merged_kernel(names, check=safe_merge)
-        self.merged_adapters = [*self.merged_adapters, *names]
-
-    def unmerge(self) -> None:
-        """Subtract merged adapters in LIFO order, with ΔW recomputed from the current factors/scale."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        names = [n for n in reversed(self.merged_adapters) if n in self._available_adapters]
-        self.get_base_layer().kernel[...] = self._merged_kernel(names, sign=-1)
-        self.merged_adapters = []
-
-    # ------------------------------------------------------------------ scaling
-    def set_scale(self, adapter: str, scale: float) -> None:
-        """``scaling = scale * alpha / r``; no-op for an adapter this layer does not hold."""
-        self.scaling = state.set_scale(self.scaling, self.plans, adapter, scale)
-
-    def scale_layer(self, scale: float) -> None:
-        """Multiply the scaling of every active adapter by ``scale``."""
-        self.scaling = state.scale_layer(self.scaling, self.active_adapters, scale)
-
-    def unscale_layer(self, scale: float | None = None) -> None:
-        """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
-        self.scaling = state.unscale_layer(self.scaling, self.plans, self.active_adapters, scale)
+    def _set_base_weight(self, kernel: jax.Array) -> None:
+        self.get_base_layer().kernel[...] = kernel
 
     # ------------------------------------------------------------------ forward
-    def _cast_input_dtype(self, x: jax.Array | None, dtype: Any) -> jax.Array | None:
-        if x is None or not self.cast_input_dtype_enabled or x.dtype == dtype:
-            return x
+    @staticmethod
+    def _astype(x: jax.Array, dtype: Any) -> jax.Array:
         return x.astype(dtype)
+
+    _where = staticmethod(jnp.where)
+
+    def _module_dropout_keep(self, adapter_name: str) -> bool | jax.Array:
+        p = self.plans[adapter_name].module_dropout
+        if self.deterministic or p == 0:
+            return True
+        return jax.random.uniform(self.rngs.dropout()) > p
 
     def _rank_dropout(self, adapter_name: str, weight: jax.Array, apply: bool, mask: jax.Array | None) -> jax.Array:
         """Rank dropout over ΔW's output rows: an explicit ``mask`` (out,), or a draw when ``apply``."""
@@ -244,25 +185,7 @@ class LycorisLayer(nnx.Module, abc.ABC):
         return functional.apply_rank_dropout(weight, mask, rescale=plan.rank_dropout_scale)
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            result = self.base_layer(x, *args, **kwargs)
-        elif self.merged:
-            result = self.base_layer(x, *args, **kwargs)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
-            for name in self.active_adapters:
-                if name not in self._available_adapters:
-                    continue
-                delta = self._get_delta_activations(name, x, *args, **kwargs)
-                p = self.plans[name].module_dropout
-                if self.deterministic or p == 0:
-                    result = result + delta
-                else:
-                    result = jnp.where(jax.random.uniform(self.rngs.dropout()) > p, result + delta, result)
-        return result.astype(previous_dtype)
+        return self._adapted_forward(x, *args, **kwargs)
 
 
 class _FactorizedLayer(LycorisLayer):
@@ -282,12 +205,15 @@ class _FactorizedLayer(LycorisLayer):
         rngs: nnx.Rngs,
         autocast_adapter_dtype: bool = True,
         module_path: str = "",
+        initialize: bool = True,
     ) -> None:
         super().__init__(base_layer, rngs=rngs)
         self.layer_shape = layer_shape_of(self.get_base_layer(), module_path)
         self.module_path = module_path
         self._active_adapter = [adapter_name]
-        self.update_layer(adapter_name, r, alpha, config=config, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.update_layer(
+            adapter_name, r, alpha, config=config, autocast_adapter_dtype=autocast_adapter_dtype, initialize=initialize
+        )
 
     @property
     def _available_adapters(self) -> set[str]:
@@ -298,10 +224,17 @@ class _FactorizedLayer(LycorisLayer):
         return type(self).plan_fn(self.layer_shape, r, alpha, config, where=self.module_path)
 
     def create_adapter_parameters(
-        self, adapter_name: str, r: int, *, plan: AdapterPlan, autocast_adapter_dtype: bool = True, **kwargs: Any
+        self,
+        adapter_name: str,
+        r: int,
+        *,
+        plan: AdapterPlan,
+        autocast_adapter_dtype: bool = True,
+        initialize: bool = True,
+        **kwargs: Any,
     ) -> None:
         dtype = _adapter_dtype(self.get_base_layer().kernel.dtype, autocast_adapter_dtype)
-        self._create_factors(adapter_name, plan, dtype)
+        self._create_factors(adapter_name, plan, dtype, initialize)
 
     def reset_adapter_parameters(self, adapter_name: str) -> None:
         dtype = next(iter(self.factors[adapter_name].values())).dtype
@@ -315,11 +248,15 @@ class _FactorizedLayer(LycorisLayer):
         *,
         config: Any,
         autocast_adapter_dtype: bool = True,
+        initialize: bool = True,
         **kwargs: Any,
     ) -> None:
+        """Plan and create ``adapter_name``; ``initialize=False`` leaves zeros (values to be loaded)."""
         plan = self.plan(r, alpha, config)
         self._register_adapter(adapter_name, plan)
-        self.create_adapter_parameters(adapter_name, r, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.create_adapter_parameters(
+            adapter_name, r, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype, initialize=initialize
+        )
 
     def get_delta_weight(
         self, adapter_name: str, *, apply_rank_dropout: bool = False, rank_dropout_mask: jax.Array | None = None

@@ -10,7 +10,6 @@ created and turned into a delta weight. State is a dict of structs: ``plans[name
 from __future__ import annotations
 
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -18,7 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr, state
+from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr
+from lycoris_core.bookkeeping import LayerBookkeeping
 from lycoris_torch import functional, loha, lokr
 
 __all__ = ["SUPPORTED_LAYERS", "LoHaLayer", "LoKrLayer", "LycorisLayer", "layer_shape_of"]
@@ -52,28 +52,24 @@ def _adapter_dtype(weight: torch.Tensor, autocast: bool) -> torch.dtype:
     return weight.dtype if weight.dtype.is_floating_point else torch.float32
 
 
-class LycorisLayer(nn.Module, ABC):
+class LycorisLayer(LayerBookkeeping, nn.Module, ABC):
     """Base of every adapter layer; wraps ``base_layer`` and adds ``Σ_active f(x; ΔW_name)``.
 
     Subclasses implement ``_available_adapters``, ``create_adapter_parameters``,
     ``reset_adapter_parameters``, ``update_layer``, ``get_delta_weight`` and
     ``_get_delta_activations``; they register each adapter with :meth:`_register_adapter`.
+    Names, plans, scales, merge order and the forward's control flow come from
+    ``lycoris_core.bookkeeping.LayerBookkeeping`` (shared with the JAX twin).
     """
 
     #: Names of the factor parameters this layer type may hold (PEFT's ``adapter_layer_names``).
     adapter_layer_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.base_layer = base_layer
         self.factors = nn.ModuleDict()
-        self.plans: dict[str, AdapterPlan] = {}
-        self.scaling: dict[str, float] = {}
-        self._active_adapter: list[str] = []
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
-        #: Cast the adapter branch input to ΔW's dtype (PEFT's ``cast_input_dtype_enabled``).
-        self.cast_input_dtype_enabled = True
+        self._init_bookkeeping()
         #: Generator for rank/module dropout; ``None`` uses torch's global one, as PEFT does.
         self.generator: torch.Generator | None = None
 
@@ -115,26 +111,6 @@ class LycorisLayer(nn.Module, ABC):
     @property
     def weight(self) -> torch.Tensor:
         return self.get_base_layer().weight
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def active_adapter(self) -> list[str]:
-        return self.active_adapters
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    def _register_adapter(self, adapter_name: str, plan: AdapterPlan) -> None:
-        self.plans[adapter_name] = plan
-        self.scaling[adapter_name] = plan.scaling
 
     def _create_factors(self, adapter_name: str, plan: AdapterPlan, device: torch.device | str = "cpu") -> None:
         """Uninitialised float32 factors with the plan's shapes (PEFT creates them on CPU, then moves)."""
@@ -198,81 +174,38 @@ class LycorisLayer(nn.Module, ABC):
         """Remove ``adapter_name``; if it was the only active one, activate the first remaining."""
         if adapter_name in self.factors:
             del self.factors[adapter_name]
-        self.plans.pop(adapter_name, None)
-        self.scaling.pop(adapter_name, None)
-        if adapter_name in self._active_adapter:
-            remaining = [n for n in self._active_adapter if n != adapter_name]
-            if not remaining and self.plans:
-                remaining = [sorted(self.plans)[0]]
-                warnings.warn(
-                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}."
-                )
-            self.set_adapter(remaining)
+        self._forget_adapter(adapter_name)
 
     # ------------------------------------------------------------------ merge
-    def _merge_names(self, adapter_names: Sequence[str] | None) -> list[str]:
-        return state.adapters_to_merge(
-            adapter_names, self.active_adapters, self.merged_adapters, self._available_adapters
-        )
-
-    def _safe_merged_weight(self, names: Sequence[str], where: str = "") -> torch.Tensor:
-        """The merged weight for ``names`` computed on a copy; ``ValueError`` if it is not finite."""
-        merged = self.get_base_layer().weight.data.clone()
-        for name in names:
-            merged += self.get_delta_weight(name)
-            if not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"{where + ': ' if where else ''}NaNs detected in the merged weights. "
-                    f"The adapter {name} seems to be broken"
-                )
-        return merged
-
-    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
-        """``W += ΔW`` for ``adapter_names`` (default: the active ones) not merged yet.
-
-        With ``safe_merge`` the sum is formed on a copy and checked for NaN and ±inf first; on
-        failure nothing changes, not even for adapters earlier in the same call.
-        """
-        names = self._merge_names(adapter_names)
-        if not names:
-            return
-        weight = self.get_base_layer().weight
-        if safe_merge:
-            weight.data = self._safe_merged_weight(names)
-        else:
+    def _merged_weight(
+        self, names: Sequence[str], *, sign: int = 1, check: bool = False, where: str = ""
+    ) -> torch.Tensor:
+        """The base weight with ``sign * ΔW`` of each of ``names`` added, rounded to its dtype after
+        each adapter (PEFT's in-place ``W += ΔW``); ``check`` raises on NaN or ±inf."""
+        weight = self.get_base_layer().weight.data
+        with torch.no_grad():
             for name in names:
-                weight.data += self.get_delta_weight(name)
-        self.merged_adapters.extend(names)
+                weight = (weight + sign * self.get_delta_weight(name)).to(weight.dtype)
+                if check and not torch.isfinite(weight).all():
+                    raise self._nonfinite_error(where, name)
+        return weight
 
-    def unmerge(self) -> None:
-        """Subtract merged adapters in LIFO order, with ΔW recomputed from the current factors/scale."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self._available_adapters:
-                weight.data -= self.get_delta_weight(name)
-
-    # ------------------------------------------------------------------ scaling
-    def set_scale(self, adapter: str, scale: float) -> None:
-        """``scaling = scale * alpha / r``; no-op for an adapter this layer does not hold."""
-        self.scaling = state.set_scale(self.scaling, self.plans, adapter, scale)
-
-    def scale_layer(self, scale: float) -> None:
-        """Multiply the scaling of every active adapter by ``scale``."""
-        self.scaling = state.scale_layer(self.scaling, self.active_adapters, scale)
-
-    def unscale_layer(self, scale: float | None = None) -> None:
-        """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
-        self.scaling = state.unscale_layer(self.scaling, self.plans, self.active_adapters, scale)
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        self.get_base_layer().weight.data = weight
 
     # ------------------------------------------------------------------ forward
-    def _cast_input_dtype(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        if x is None or not self.cast_input_dtype_enabled or x.dtype == dtype:
-            return x
+    @staticmethod
+    def _astype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x.to(dtype=dtype)
+
+    _where = staticmethod(torch.where)
+
+    def _module_dropout_keep(self, adapter_name: str) -> bool:
+        # PEFT draws one number per active adapter in training even when module_dropout == 0;
+        # we keep that so that seeded runs consume the global RNG identically.
+        if not self.training:
+            return True
+        return bool(torch.rand(1, generator=self.generator) > self.plans[adapter_name].module_dropout)
 
     def _rank_dropout(
         self, adapter_name: str, weight: torch.Tensor, apply: bool, mask: torch.Tensor | None
@@ -286,23 +219,7 @@ class LycorisLayer(nn.Module, ABC):
         return functional.apply_rank_dropout(weight, mask, rescale=plan.rank_dropout_scale)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            result = self.base_layer(x, *args, **kwargs)
-        elif self.merged:
-            result = self.base_layer(x, *args, **kwargs)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
-            for name in self.active_adapters:
-                if name not in self._available_adapters:
-                    continue
-                # PEFT draws one number per active adapter in training even when module_dropout == 0;
-                # we keep that so that seeded runs consume the global RNG identically.
-                if not self.training or torch.rand(1, generator=self.generator) > self.plans[name].module_dropout:
-                    result = result + self._get_delta_activations(name, x, *args, **kwargs)
-        return result.to(previous_dtype)
+        return self._adapted_forward(x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"adapters={sorted(self.plans)}, active={self.active_adapters}, merged={self.merged_adapters}"

@@ -1,0 +1,433 @@
+"""Framework-free behaviour shared by the twins' layers and tuners, as mixins.
+
+``LayerBookkeeping`` holds what a ``LycorisLayer`` does with names, plans and scales (active and
+merged adapters, the scale helpers, merge/unmerge order, the forward's control flow);
+``TunerBookkeeping`` holds the model-level operations (target resolution, validate-then-inject,
+checkpoint checks, set/delete/merge/scale across layers, PEFT files). Each twin supplies the few
+framework hooks named in the class docstrings (tensors, RNG, graph surgery, file I/O).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from lycoris_core import state
+from lycoris_core.checkpoint import SAFETENSORS_NAME, checkpoint_key
+from lycoris_core.config import LycorisConfig, config_class_for
+from lycoris_core.plan import AdapterPlan, LayerShape
+from lycoris_core.targets import match_targets, resolve_rank_alpha
+
+__all__ = ["LayerBookkeeping", "TunerBookkeeping"]
+
+
+class LayerBookkeeping:
+    """Per-layer adapter bookkeeping.
+
+    State: ``plans`` ``{name: AdapterPlan}``, ``scaling`` ``{name: float}``, ``_active_adapter``,
+    ``merged_adapters``, ``_disable_adapters``, ``cast_input_dtype_enabled``.
+    Hooks: ``base_layer``, ``_available_adapters``, ``get_delta_weight``, ``_get_delta_activations``,
+    ``_merged_weight(names, sign, check, where)``, ``_set_base_weight(w)``, ``_astype(x, dtype)``,
+    ``_module_dropout_keep(name)`` (``True``, ``False`` or a boolean array), ``_where(c, a, b)``.
+    """
+
+    plans: dict[str, AdapterPlan]
+    scaling: dict[str, float]
+
+    def _init_bookkeeping(self) -> None:
+        self.plans = {}
+        self.scaling = {}
+        self._active_adapter = []
+        self.merged_adapters = []
+        self._disable_adapters = False
+        #: Cast the adapter branch input to ΔW's dtype (PEFT's ``cast_input_dtype_enabled``).
+        self.cast_input_dtype_enabled = True
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def _register_adapter(self, adapter_name: str, plan: AdapterPlan) -> None:
+        self.plans = {**self.plans, adapter_name: plan}
+        self.scaling = {**self.scaling, adapter_name: plan.scaling}
+
+    def _forget_adapter(self, adapter_name: str) -> None:
+        """Drop plan and scale; if it was active, keep the other active ones or the first remaining."""
+        self.plans = {k: v for k, v in self.plans.items() if k != adapter_name}
+        self.scaling = {k: v for k, v in self.scaling.items() if k != adapter_name}
+        if adapter_name in self._active_adapter:
+            remaining = [n for n in self._active_adapter if n != adapter_name]
+            if not remaining and self.plans:
+                remaining = [sorted(self.plans)[0]]
+                warnings.warn(
+                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}.",
+                    stacklevel=3,
+                )
+            self.set_adapter(remaining)
+
+    def _merge_names(self, adapter_names: Sequence[str] | None) -> list[str]:
+        return state.adapters_to_merge(
+            adapter_names, self.active_adapters, self.merged_adapters, self._available_adapters
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """``W += ΔW`` for ``adapter_names`` (default: the active ones) not merged yet, rounded to
+        W's dtype after each adapter (PEFT's in-place add). With ``safe_merge`` the sum is formed
+        on a copy and checked for NaN and ±inf first; on failure nothing changes."""
+        names = self._merge_names(adapter_names)
+        if names:
+            self._set_base_weight(self._merged_weight(names, check=safe_merge))
+            self.merged_adapters = [*self.merged_adapters, *names]
+
+    def unmerge(self) -> None:
+        """Subtract merged adapters in LIFO order, with ΔW recomputed from the current factors/scale."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        names = [n for n in reversed(self.merged_adapters) if n in self._available_adapters]
+        self._set_base_weight(self._merged_weight(names, sign=-1))
+        self.merged_adapters = []
+
+    def _nonfinite_error(self, where: str, adapter_name: str) -> ValueError:
+        return ValueError(
+            f"{where + ': ' if where else ''}NaNs detected in the merged weights. "
+            f"The adapter {adapter_name} seems to be broken"
+        )
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """``scaling = scale * alpha / r``; no-op for an adapter this layer does not hold."""
+        self.scaling = state.set_scale(self.scaling, self.plans, adapter, scale)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of every active adapter by ``scale``."""
+        self.scaling = state.scale_layer(self.scaling, self.active_adapters, scale)
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
+        self.scaling = state.unscale_layer(self.scaling, self.plans, self.active_adapters, scale)
+
+    def _cast_input_dtype(self, x: Any, dtype: Any) -> Any:
+        if x is None or not self.cast_input_dtype_enabled or x.dtype == dtype:
+            return x
+        return self._astype(x, dtype)
+
+    def _adapted_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """PEFT's forward: base output plus every active adapter's delta (module dropout in
+        training), the merged/disabled shortcuts, and the result cast back to ``x``'s dtype."""
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self._astype(self.base_layer(x, *args, **kwargs), previous_dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        if not self.merged:
+            for name in self.active_adapters:
+                if name not in self._available_adapters:
+                    continue
+                keep = self._module_dropout_keep(name)
+                if keep is False:
+                    continue
+                delta = self._get_delta_activations(name, x, *args, **kwargs)
+                result = result + delta if keep is True else self._where(keep, result + delta, result)
+        return self._astype(result, previous_dtype)
+
+
+class TunerBookkeeping:
+    """Model-level operations shared by the twins' ``LycorisTuner``.
+
+    State: ``model``, ``peft_config`` ``{name: config}``, ``active_adapter`` (list), and the class
+    attributes ``prefix``, ``config_cls``, ``layers_mapping``. Hooks: ``_registry`` (class dict of
+    tuners by ``peft_type``), ``_layer_base`` (the twin's ``LycorisLayer``), ``_linear_type``,
+    ``_module_table()`` ``{name: module}``, ``_lycoris_layers()``, ``_layer_shape_of(module, key)``,
+    ``_inject(name, config, plans, fill)``, ``_fill(name, by_module, other, state)`` (returns the
+    fill callback), ``_factor_tensors(layer, name)``, ``_extra_state(name)``, ``_read_state(dir)``,
+    ``_write_state(path, tensors)``, ``_unload_layers(merge)``, ``_enable_adapters(enabled)``.
+    """
+
+    prefix: ClassVar[str]
+    config_cls: ClassVar[type[LycorisConfig]]
+    layers_mapping: ClassVar[dict[type, type]]
+    _registry: ClassVar[dict[str, type]]
+    _layer_base: ClassVar[type]
+    _linear_type: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config_cls = cls.__dict__.get("config_cls")
+        if config_cls is not None and config_cls.PEFT_TYPE:
+            cls._registry[config_cls.PEFT_TYPE] = cls
+
+    # ------------------------------------------------------------------ targets
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.active_adapter)
+
+    @classmethod
+    def _layer_class_for(cls, target: Any, key: str) -> type:
+        base = target.get_base_layer() if isinstance(target, cls._layer_base) else target
+        for subtype, layer_cls in cls.layers_mapping.items():
+            if isinstance(base, subtype):
+                return layer_cls
+        supported = ", ".join(t.__name__ for t in cls.layers_mapping)
+        raise TypeError(
+            f"{key}: target module of type {type(base).__name__} not supported, "
+            f"currently only adapters for {supported} are supported"
+        )
+
+    def _output_layer_names(self) -> list[str]:
+        return []
+
+    def _resolve_targets(self, config: LycorisConfig) -> dict[str, AdapterPlan | None]:
+        """Match targets and plan every factor without touching the model: ``{name: plan or None}``
+        (``None`` for layer classes without a ``plan_fn``, e.g. custom variants)."""
+        modules = self._module_table()
+        model_config = getattr(self.model, "config", None)
+        match = match_targets(
+            config,
+            list(modules),
+            linear_names=[n for n, m in modules.items() if isinstance(m, self._linear_type)],
+            output_names=self._output_layer_names(),
+            model_type=getattr(model_config, "model_type", None),
+        )
+        plans: dict[str, AdapterPlan | None] = {}
+        for key in match.targeted:
+            target = modules[key]
+            layer_cls = self._layer_class_for(target, key)
+            if isinstance(target, self._layer_base) and not isinstance(target, tuple(self.layers_mapping.values())):
+                raise TypeError(
+                    f"{key}: already holds a {type(target).__name__}; mixing adapter types in one model "
+                    f"is not supported by {type(self).__name__}"
+                )
+            plan_fn: Callable[..., AdapterPlan] | None = getattr(layer_cls, "plan_fn", None)
+            plans[key] = None
+            if plan_fn is not None:
+                base = target.get_base_layer() if isinstance(target, self._layer_base) else target
+                shape: LayerShape = self._layer_shape_of(base, key)
+                r, alpha = resolve_rank_alpha(config, key)
+                plans[key] = plan_fn(shape, r, alpha, config, where=key)
+        return plans
+
+    # ------------------------------------------------------------------ adding adapters
+    def _check_new_adapter(self, adapter_name: str, config: LycorisConfig) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name: expected a non-empty string, got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if not isinstance(config, self.config_cls):
+            raise TypeError(
+                f"{type(self).__name__}: expected a {self.config_cls.__name__}, got {type(config).__name__}"
+            )
+
+    def add_adapter(self, adapter_name: str, config: LycorisConfig) -> None:
+        """Inject adapter ``adapter_name``; the first adapter becomes active, later ones do not."""
+        self._add(adapter_name, config, None)
+
+    def _add(self, adapter_name: str, config: LycorisConfig, tensors: Mapping[str, Any] | None) -> None:
+        """Validate (name, config, targets, plans, checkpoint ``tensors``), then inject and fill;
+        all or nothing."""
+        self._check_new_adapter(adapter_name, config)
+        plans = self._resolve_targets(config)
+        fill = None
+        if tensors is not None:
+            factor_names = {n for c in self.layers_mapping.values() for n in c.adapter_layer_names}
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            by_module, other = state.check_checkpoint(plans, shapes, factor_names)
+            fill = self._fill(adapter_name, config, by_module, other, tensors)
+        self._inject(adapter_name, copy.deepcopy(config), plans, fill)
+        self.set_adapter(adapter_name if len(self.peft_config) == 1 else self.active_adapter)
+
+    # ------------------------------------------------------------------ adapter management
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter or a list of them (unmerging merged layers first, as PEFT does)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} do not exist; available: {sorted(self.peft_config)}")
+        for _, layer in self._lycoris_layers():
+            if layer.merged:
+                warnings.warn(
+                    "Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2
+                )
+                layer.unmerge()
+            layer.set_adapter(names)
+        self.active_adapter = names
+        self._after_set_adapter(names)
+
+    def _after_set_adapter(self, names: list[str]) -> None:
+        """Framework hook (e.g. inference-mode freezing)."""
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; it must exist and not be merged."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        merged = [key for key, layer in self._lycoris_layers() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(
+                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged (in {merged}). "
+                "Please unmerge them first."
+            )
+        self.peft_config = {k: v for k, v in self.peft_config.items() if k != adapter_name}
+        for _, layer in self._lycoris_layers():
+            layer.delete_adapter(adapter_name)
+        remaining = [n for n in self.active_adapter if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]
+        self.active_adapter = remaining
+        self._after_delete_adapter(adapter_name)
+
+    def _after_delete_adapter(self, adapter_name: str) -> None:
+        """Framework hook (e.g. ``modules_to_save`` copies)."""
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: run the base model (merged layers are unmerged, as in PEFT)."""
+        self._enable_adapters(False)
+        try:
+            yield
+        finally:
+            self._enable_adapters(True)
+
+    def _enable_adapters(self, enabled: bool) -> None:
+        for _, layer in self._lycoris_layers():
+            layer.enable_adapters(enabled)
+
+    # ------------------------------------------------------------------ merging and scaling
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters into the base weights of every layer. With ``safe_merge`` every merged
+        weight is checked (NaN and ±inf) before any layer changes; a failure names module and adapter."""
+        staged = []
+        for key, layer in self._lycoris_layers():
+            names = layer._merge_names(adapter_names)
+            if names:
+                staged.append((layer, names, layer._merged_weight(names, check=safe_merge, where=key)))
+        for layer, names, weight in staged:
+            layer._set_base_weight(weight)
+            layer.merged_adapters = [*layer.merged_adapters, *names]
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self._lycoris_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> Any:
+        """Merge, then return the plain model with every adapter layer replaced by its base layer."""
+        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        return self.unload()
+
+    def unload(self) -> Any:
+        """Return the plain model (adapter layers replaced by their base layers, nothing merged)."""
+        self._unload_layers()
+        self.peft_config = {}
+        return self.model
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        for _, layer in self._lycoris_layers():
+            layer.set_scale(adapter, scale)
+
+    def scale_layer(self, scale: float) -> None:
+        for _, layer in self._lycoris_layers():
+            layer.scale_layer(scale)
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        for _, layer in self._lycoris_layers():
+            layer.unscale_layer(scale)
+
+    # ------------------------------------------------------------------ files
+    def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, Any]:
+        """Checkpoint tensors of one adapter under PEFT's keys (``base_model.model.<path>.<factor>``)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        tensors = {
+            checkpoint_key(key, name): value
+            for key, layer in self._lycoris_layers()
+            if adapter_name in layer.plans
+            for name, value in self._factor_tensors(layer, adapter_name).items()
+        }
+        tensors.update(self._extra_state(adapter_name))
+        return tensors
+
+    def _extra_state(self, adapter_name: str) -> dict[str, Any]:
+        return {}
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None
+    ) -> None:
+        """PEFT layout: ``default`` in ``save_directory``, others in ``save_directory/<name>/``;
+        each file is written to a temp file first, then renamed."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            tensors = self.adapter_state_dict(name)
+            directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(directory, exist_ok=True)
+            self._write_state(os.path.join(directory, SAFETENSORS_NAME), tensors)
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            if config.auto_mapping is None and getattr(self.model, "config", None) is None:
+                config.auto_mapping = {
+                    "base_model_class": type(self.model).__name__,
+                    "parent_library": type(self.model).__module__,
+                }
+            config.save_pretrained(directory)
+
+    @classmethod
+    def _checkpoint_path(cls, directory: str | os.PathLike) -> str:
+        path = os.path.join(directory, SAFETENSORS_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"{os.fspath(directory)!r}: no {SAFETENSORS_NAME} found (only safetensors files are read)")
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Any,
+        directory: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Wrap ``model`` and load a PEFT-format adapter directory; dispatches on ``peft_type``."""
+        config = LycorisConfig.from_pretrained(directory)
+        tuner_cls = cls._tuner_class_for(config.peft_type)
+        config.inference_mode = not is_trainable
+        tensors = cls._read_state(cls._checkpoint_path(directory))
+        return tuner_cls(model, config, adapter_name, state_dict=tensors, **kwargs)
+
+    @classmethod
+    def _tuner_class_for(cls, peft_type: str) -> type:
+        """``cls`` itself for a concrete tuner (its type must match), else the registered tuner."""
+        config_class_for(peft_type)  # ValueError naming an unknown type
+        own = getattr(cls, "config_cls", None)
+        if own is not None:
+            if own.PEFT_TYPE != peft_type:
+                raise ValueError(f"{cls.__name__} cannot load a checkpoint with peft_type {peft_type!r}")
+            return cls
+        if peft_type not in cls._registry:
+            raise ValueError(f"unknown peft_type {peft_type!r}; expected one of {sorted(cls._registry)}")
+        return cls._registry[peft_type]
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an adapter from a PEFT-format directory (not activated, as in PEFT)."""
+        config = LycorisConfig.from_pretrained(directory)
+        if config.peft_type != self.config_cls.PEFT_TYPE:
+            raise ValueError(
+                f"{type(self).__name__} cannot load adapter {adapter_name!r} with peft_type {config.peft_type!r}"
+            )
+        config.inference_mode = not is_trainable
+        self._add(adapter_name, config, self._read_state(self._checkpoint_path(directory)))
