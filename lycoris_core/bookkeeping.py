@@ -92,7 +92,7 @@ class LayerBookkeeping:
         on a copy and checked for NaN and ±inf first; on failure nothing changes."""
         names = self._merge_names(adapter_names)
         if names:
-            self._set_base_weight(self._merged_weight(names, check=safe_merge))
+            self._set_base_weight(self._merged_weight(names, check=safe_merge, where=getattr(self, "module_path", "")))
             self.merged_adapters = [*self.merged_adapters, *names]
 
     def unmerge(self) -> None:
@@ -152,12 +152,15 @@ class TunerBookkeeping:
     """Model-level operations shared by the twins' ``LycorisTuner``.
 
     State: ``model``, ``peft_config`` ``{name: config}``, ``active_adapter`` (list), and the class
-    attributes ``prefix``, ``config_cls``, ``layers_mapping``. Hooks: ``_registry`` (class dict of
-    tuners by ``peft_type``), ``_layer_base`` (the twin's ``LycorisLayer``), ``_linear_type``,
-    ``_module_table()`` ``{name: module}``, ``_lycoris_layers()``, ``_layer_shape_of(module, key)``,
-    ``_inject(name, config, plans, fill)``, ``_fill(name, by_module, other, state)`` (returns the
-    fill callback), ``_factor_tensors(layer, name)``, ``_extra_state(name)``, ``_read_state(dir)``,
-    ``_write_state(path, tensors)``, ``_unload_layers(merge)``, ``_enable_adapters(enabled)``.
+    attributes ``prefix``, ``config_cls``, ``layers_mapping``. Class hooks: ``_registry`` (tuners
+    by ``peft_type``), ``_layer_base`` (the twin's ``LycorisLayer``), ``_linear_type``,
+    ``_layer_shape_of(module, key)``. Method hooks: ``_module_table()`` ``{name: module}``,
+    ``_module_aliases()`` ``{id(module): [every name]}``, ``_lycoris_layers()``,
+    ``_inject(adapter_name, config, plans, fill)``, ``_fill(adapter_name, config, by_module, other,
+    tensors)`` (returns the fill callback), ``_factor_tensors(layer, adapter_name)``,
+    ``_read_state(path)``, ``_write_state(path, tensors)``, ``_unload_layers()``; optional:
+    ``_output_embeddings()``, ``_extra_state(adapter_name)``, ``_check_set_adapter(names)``,
+    ``_after_set_adapter(names)``, ``_after_delete_adapter(adapter_name)``, ``_enable_adapters``.
     """
 
     prefix: ClassVar[str]
@@ -190,8 +193,19 @@ class TunerBookkeeping:
             f"currently only adapters for {supported} are supported"
         )
 
-    def _output_layer_names(self) -> list[str]:
-        return []
+    def _output_embeddings(self) -> Any:
+        """The model's output layer, excluded from ``"all-linear"`` (``None`` if it has none)."""
+        return None
+
+    def _output_layer_names(self, config: LycorisConfig) -> list[str]:
+        """Names excluded from ``"all-linear"``: the output embedding, or for ``SEQ_CLS`` models
+        without one the classifier head (``score`` / ``classifier``), as PEFT does."""
+        head = self._output_embeddings()
+        if head is None and config.task_type == "SEQ_CLS":
+            head = next(
+                (h for h in (getattr(self.model, n, None) for n in ("score", "classifier")) if h is not None), None
+            )
+        return [n for n, m in self._module_table().items() if head is not None and m is head]
 
     def _resolve_targets(self, config: LycorisConfig) -> dict[str, AdapterPlan | None]:
         """Match targets and plan every factor without touching the model: ``{name: plan or None}``
@@ -202,12 +216,19 @@ class TunerBookkeeping:
             config,
             list(modules),
             linear_names=[n for n, m in modules.items() if isinstance(m, self._linear_type)],
-            output_names=self._output_layer_names(),
+            output_names=self._output_layer_names(config),
             model_type=getattr(model_config, "model_type", None),
         )
+        aliases = self._module_aliases()
         plans: dict[str, AdapterPlan | None] = {}
         for key in match.targeted:
             target = modules[key]
+            paths = aliases.get(id(target), [key])
+            if len(paths) > 1:
+                raise ValueError(
+                    f"{key}: this module is shared, reachable as {paths}; an adapter on it would be bypassed on "
+                    "all but one path. Untie it or exclude it (exclude_modules)."
+                )
             layer_cls = self._layer_class_for(target, key)
             if isinstance(target, self._layer_base) and not isinstance(target, tuple(self.layers_mapping.values())):
                 raise TypeError(
@@ -259,6 +280,7 @@ class TunerBookkeeping:
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter(s) {unknown} do not exist; available: {sorted(self.peft_config)}")
+        self._check_set_adapter(names)
         for _, layer in self._lycoris_layers():
             if layer.merged:
                 warnings.warn(
@@ -268,6 +290,9 @@ class TunerBookkeeping:
             layer.set_adapter(names)
         self.active_adapter = names
         self._after_set_adapter(names)
+
+    def _check_set_adapter(self, names: list[str]) -> None:
+        """Framework hook: raise before anything changes if ``names`` cannot be activated."""
 
     def _after_set_adapter(self, names: list[str]) -> None:
         """Framework hook (e.g. inference-mode freezing)."""
@@ -283,13 +308,17 @@ class TunerBookkeeping:
                 "Please unmerge them first."
             )
         self.peft_config = {k: v for k, v in self.peft_config.items() if k != adapter_name}
-        for _, layer in self._lycoris_layers():
-            layer.delete_adapter(adapter_name)
         remaining = [n for n in self.active_adapter if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [sorted(self.peft_config)[0]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # layers' own fallback choice is overridden just below
+            for _, layer in self._lycoris_layers():
+                layer.delete_adapter(adapter_name)
+                layer.set_adapter(remaining)
         self.active_adapter = remaining
         self._after_delete_adapter(adapter_name)
+        self._after_set_adapter(remaining)
 
     def _after_delete_adapter(self, adapter_name: str) -> None:
         """Framework hook (e.g. ``modules_to_save`` copies)."""
@@ -306,6 +335,8 @@ class TunerBookkeeping:
     def _enable_adapters(self, enabled: bool) -> None:
         for _, layer in self._lycoris_layers():
             layer.enable_adapters(enabled)
+        if enabled:
+            self._after_set_adapter(self.active_adapters)  # keep inference-mode adapters frozen
 
     # ------------------------------------------------------------------ merging and scaling
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:

@@ -230,9 +230,9 @@ class LoKrConfig(LycorisConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not _is_int(self.decompose_factor) or (self.decompose_factor <= 0 and self.decompose_factor != -1):
-            raise ValueError(
-                f"LoKrConfig.decompose_factor: expected -1 or a positive integer, got {self.decompose_factor!r}"
+        if not _is_int(self.decompose_factor):
+            raise TypeError(
+                f"LoKrConfig.decompose_factor: expected an integer (-1: most square), got {self.decompose_factor!r}"
             )
 
     def _check_init_weights(self) -> None:

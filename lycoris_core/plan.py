@@ -72,7 +72,8 @@ class AdapterPlan:
 
     ``factors`` is ``((name, shape, init), ...)`` in PEFT's initialisation order; ``init`` is
     ``"zeros"`` or ``"kaiming"`` (PyTorch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), +)).
-    ``rank_dropout_scale`` is always True for LoHa (PEFT always rescales its rank-dropout mask).
+    ``rank_dropout_scale`` is always True for LoHa (PEFT always rescales its rank-dropout mask);
+    ``fp32_dropout_mask``: the mask is built and rescaled in float32 (LoKr) rather than in ΔW's dtype (LoHa).
     """
 
     peft_type: str
@@ -84,6 +85,7 @@ class AdapterPlan:
     module_dropout: float = 0.0
     rank_dropout_scale: bool = False
     effective_conv: bool = False
+    fp32_dropout_mask: bool = False
 
     @property
     def scaling(self) -> float:
@@ -208,6 +210,7 @@ def plan_lokr(layer: LayerShape, r: int, alpha: float, config: Any, *, where: st
         module_dropout=config.module_dropout,
         rank_dropout_scale=bool(config.rank_dropout_scale),
         effective_conv=effective and not use_w2,
+        fp32_dropout_mask=True,
     )
 
 

@@ -6,7 +6,6 @@ helpers, and the check of a checkpoint against planned factor shapes.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -96,5 +95,6 @@ def check_checkpoint(
 
 
 def modules_to_save_key(config: Any, key: str) -> bool:
-    """Whether module path ``key`` is one of ``config.modules_to_save`` (the module itself)."""
-    return any(re.fullmatch(rf"(.*\.)?{m}", key) for m in config.modules_to_save or ())
+    """Whether module path ``key`` gets a ``modules_to_save`` copy: PEFT's rule, a literal
+    suffix match (``"head"`` also selects ``"lm_head"``)."""
+    return any(key.endswith(m) for m in config.modules_to_save or ())

@@ -23,12 +23,13 @@ __all__ = [
 ]
 
 #: PEFT's default ``target_modules`` per ``model.config.model_type`` (the LoRA table).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
     "opt": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"],
     "gpt_neox": ["query_key_value"],
@@ -39,15 +40,30 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "electra": ["query", "value"],
     "deberta-v2": ["query_proj", "value_proj"],
     "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
     "mistral": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": ".*language_model\\..*\\.(q_proj|v_proj)",
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "falcon": ["query_key_value"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 
@@ -133,8 +149,9 @@ class TargetMatch:
 
 
 def _expand_all_linear(targets: Any, linear_names: Sequence[str], output_names: Sequence[str]) -> Any:
+    """PEFT's expansion: the full names of all linear layers but the output layer (matched exactly)."""
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        return {name.rsplit(".", 1)[-1] for name in linear_names if name not in set(output_names)}
+        return {name for name in linear_names if name not in set(output_names)}
     return targets
 
 
@@ -156,7 +173,8 @@ def match_targets(
     if targets is None:
         if model_type not in DEFAULT_TARGET_MODULES:
             raise ValueError("Please specify `target_modules` in `peft_config`")
-        targets = set(DEFAULT_TARGET_MODULES[model_type])
+        default = DEFAULT_TARGET_MODULES[model_type]
+        targets = default if isinstance(default, str) else set(default)
     view = _ConfigView(config, target_modules=_expand_all_linear(targets, linear_names, output_names))
     result = TargetMatch()
     for key in module_names:

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lycoris_core import fan_in
+
 __all__ = [
     "apply_rank_dropout",
     "forward_with_weight",
@@ -27,16 +29,17 @@ def rank_dropout_keep(key: jax.Array, num_rows: int, p: float) -> jax.Array:
     return jax.random.uniform(key, (num_rows,)) > p
 
 
-def apply_rank_dropout(weight: jax.Array, keep: jax.Array, *, rescale: bool) -> jax.Array:
+def apply_rank_dropout(weight: jax.Array, keep: jax.Array, *, rescale: bool, mask_dtype: Any = None) -> jax.Array:
     """Zero the dropped output rows of ``weight`` ``(out, ...)`` (PyTorch layout); ``keep`` is ``(out,)``.
 
-    With ``rescale`` kept rows are divided by ``mean(keep)``; an all-dropped mask gives zeros
-    (PEFT gives NaN; docs/DEVIATIONS.md).
+    The mask is built in ``mask_dtype`` (default: ``weight``'s; LoKr uses float32). With
+    ``rescale`` kept rows are divided by ``mean(keep)``; an all-dropped mask gives zeros (PEFT
+    gives NaN; docs/DEVIATIONS.md). The result keeps ``weight``'s dtype.
     """
-    mask = keep.astype(weight.dtype)
+    mask = keep.astype(mask_dtype or weight.dtype)
     if rescale:
         mask = mask / jnp.maximum(mask.mean(), jnp.finfo(mask.dtype).tiny)
-    return weight * mask.reshape((-1,) + (1,) * (weight.ndim - 1))
+    return (weight * mask.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
 
 
 def to_flax_kernel(weight: Any) -> Any:
@@ -53,7 +56,7 @@ def to_torch_layout(kernel: Any) -> Any:
 def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     """PyTorch's ``kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``,
     ``fan_in = shape[1] * prod(shape[2:])`` (PyTorch layout)."""
-    bound = 1.0 / math.sqrt(shape[1] * math.prod(shape[2:]))
+    bound = 1.0 / math.sqrt(fan_in(shape))
     return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
 

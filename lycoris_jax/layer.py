@@ -126,10 +126,19 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
                 value = jnp.zeros(shape, dtype)
             else:
                 # Rounded through the base dtype first, as PEFT does before its float32 autocast.
-                value = functional.kaiming_uniform(self.rngs.params(), shape, jnp.float32)
+                value = functional.kaiming_uniform(self._params_key(), shape, jnp.float32)
                 value = value.astype(round_through).astype(dtype)
             params[name] = LycorisParam(value)
         self.factors[adapter_name] = nnx.Dict(params)
+
+    def _params_key(self) -> jax.Array:
+        try:
+            return self.rngs.params()
+        except AttributeError:
+            raise ValueError(
+                f"{getattr(self, 'module_path', '') or type(self).__name__}: initialising adapter factors needs an "
+                "nnx.Rngs with a 'params' or 'default' stream (e.g. rngs=nnx.Rngs(params=0, dropout=1))"
+            ) from None
 
     def _factor_values(self, adapter_name: str) -> dict[str, jax.Array]:
         return {name: param[...] for name, param in self.factors[adapter_name].items()}
@@ -182,7 +191,8 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
             return weight
         if mask is None:
             mask = functional.rank_dropout_keep(self.rngs.dropout(), weight.shape[0], plan.rank_dropout)
-        return functional.apply_rank_dropout(weight, mask, rescale=plan.rank_dropout_scale)
+        mask_dtype = jnp.float32 if plan.fp32_dropout_mask else None
+        return functional.apply_rank_dropout(weight, mask, rescale=plan.rank_dropout_scale, mask_dtype=mask_dtype)
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         return self._adapted_forward(x, *args, **kwargs)
@@ -217,7 +227,7 @@ class _FactorizedLayer(LycorisLayer):
 
     @property
     def _available_adapters(self) -> set[str]:
-        return set(self.plans)
+        return set(self.factors)
 
     def plan(self, r: int, alpha: float, config: Any) -> AdapterPlan:
         """This layer's factor plan for one adapter (pure; raises on bad rank)."""
@@ -237,6 +247,7 @@ class _FactorizedLayer(LycorisLayer):
         self._create_factors(adapter_name, plan, dtype, initialize)
 
     def reset_adapter_parameters(self, adapter_name: str) -> None:
+        """Draw fresh initial values (from ``rngs.params()``) for ``adapter_name``."""
         dtype = next(iter(self.factors[adapter_name].values())).dtype
         self._create_factors(adapter_name, self.plans[adapter_name], dtype)
 
@@ -253,10 +264,10 @@ class _FactorizedLayer(LycorisLayer):
     ) -> None:
         """Plan and create ``adapter_name``; ``initialize=False`` leaves zeros (values to be loaded)."""
         plan = self.plan(r, alpha, config)
-        self._register_adapter(adapter_name, plan)
         self.create_adapter_parameters(
             adapter_name, r, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype, initialize=initialize
         )
+        self._register_adapter(adapter_name, plan)
 
     def get_delta_weight(
         self, adapter_name: str, *, apply_rank_dropout: bool = False, rank_dropout_mask: jax.Array | None = None

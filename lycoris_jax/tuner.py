@@ -9,6 +9,7 @@ Module names are the dotted graph paths (attribute names, list indices and dict 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ from safetensors.flax import load_file, save_file
 from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig, resolve_rank_alpha
 from lycoris_core._io import atomic_write
 from lycoris_core.bookkeeping import TunerBookkeeping
-from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, layer_shape_of
+from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam, layer_shape_of
 
 __all__ = ["LoHaModel", "LoKrModel", "LycorisTuner", "default_rngs"]
 
@@ -90,23 +91,32 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------ walking the graph
-    def _modules(self) -> dict[str, tuple[Path, nnx.Module]]:
-        """``{dotted name: (path, module)}`` in pre-order (siblings in NNX's sorted order), skipping
-        shared modules seen before and everything inside existing adapter layers."""
+    def _walk(self) -> tuple[dict[str, tuple[Path, nnx.Module]], dict[int, list[str]]]:
+        """Pre-order walk (siblings in NNX's sorted order), not entering adapter layers:
+        ``({name: (path, module)} for first visits, {id(module): [every name]})``."""
         found: dict[str, tuple[Path, nnx.Module]] = {}
-        seen: set[int] = set()
+        aliases: dict[int, list[str]] = {}
 
         def walk(path: Path, module: nnx.Module) -> None:
-            seen.add(id(module))
-            found[_name(path)] = (path, module)
+            name = _name(path)
+            aliases.setdefault(id(module), []).append(name)
+            if len(aliases[id(module)]) > 1:
+                return
+            found[name] = (path, module)
             if isinstance(module, LycorisLayer):
                 return
             for key, child in nnx.iter_children(module):
-                if isinstance(child, nnx.Module) and id(child) not in seen:
+                if isinstance(child, nnx.Module):
                     walk((*path, key), child)
 
         walk((), self.model)
-        return found
+        return found, aliases
+
+    def _modules(self) -> dict[str, tuple[Path, nnx.Module]]:
+        return self._walk()[0]
+
+    def _module_aliases(self) -> dict[int, list[str]]:
+        return self._walk()[1]
 
     def _module_table(self) -> dict[str, nnx.Module]:
         return {name: module for name, (_, module) in self._modules().items()}
@@ -181,11 +191,11 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
             for key in plans:
                 path, target = modules[key]
                 parent = self._node(path[:-1])
-                self._create_and_replace(config, adapter_name, target, path[-1], parent, key, **extra)
                 if isinstance(target, LycorisLayer):
-                    updated.append(target)
+                    updated.append(target)  # before the call: a half-updated layer is rolled back too
                 else:
                     replaced.append((parent, path[-1], target))
+                self._create_and_replace(config, adapter_name, target, path[-1], parent, key, **extra)
             if fill is not None:
                 fill()
         except BaseException:
@@ -215,6 +225,19 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
                     params[name][...] = jnp.asarray(tensors[ckpt_key], params[name].dtype)
 
         return fill
+
+    def trainable_filter(self) -> nnx.filterlib.Filter:
+        """An NNX filter for the factors that should train: active adapters not in inference mode.
+
+        JAX has no ``requires_grad``: pass this as ``wrt`` to ``nnx.Optimizer`` and ``nnx.DiffState``
+        to get PEFT's rule (``wrt=LycorisParam`` trains every adapter's factors).
+        """
+        trainable = frozenset(n for n in self.active_adapters if not self.peft_config[n].inference_mode)
+
+        def is_trainable(path: tuple[Any, ...], _: Any) -> bool:
+            return any(a == "factors" and b in trainable for a, b in itertools.pairwise(path))
+
+        return nnx.All(LycorisParam, is_trainable)
 
     # ------------------------------------------------------------------ framework hooks
     def _unload_layers(self) -> None:

@@ -18,18 +18,21 @@ def rank_dropout_keep(num_rows: int, p: float, *, generator: torch.Generator | N
     return torch.rand(num_rows, generator=generator) > p
 
 
-def apply_rank_dropout(weight: torch.Tensor, keep: torch.Tensor, *, rescale: bool) -> torch.Tensor:
+def apply_rank_dropout(
+    weight: torch.Tensor, keep: torch.Tensor, *, rescale: bool, mask_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Zero the dropped output rows of ``weight`` ``(out, ...)``; ``keep`` is ``(out,)`` bool or float.
 
-    With ``rescale`` the kept rows are divided by the kept fraction ``mean(keep)`` (PEFT's
-    empirical rescale). When every row is dropped the result is all zeros: PEFT divides by
-    zero there and returns NaN (docs/DEVIATIONS.md).
+    The mask is built in ``mask_dtype`` (default: ``weight``'s; PEFT's LoKr uses float32). With
+    ``rescale`` the kept rows are divided by the kept fraction ``mean(keep)`` (PEFT's empirical
+    rescale). When every row is dropped the result is all zeros: PEFT divides by zero there and
+    returns NaN (docs/DEVIATIONS.md). The result keeps ``weight``'s dtype.
     """
-    mask = keep.to(device=weight.device, dtype=weight.dtype)
+    mask = keep.to(device=weight.device, dtype=mask_dtype or weight.dtype)
     if rescale:
         # An all-zero mask stays all zero instead of 0/0 = NaN.
         mask = mask / mask.mean().clamp_min(torch.finfo(mask.dtype).tiny)
-    return weight * mask.view(-1, *[1] * (weight.dim() - 1))
+    return (weight * mask.view(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
 
 
 def forward_with_weight(base_layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

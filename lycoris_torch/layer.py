@@ -216,7 +216,8 @@ class LycorisLayer(LayerBookkeeping, nn.Module, ABC):
             return weight
         if mask is None:
             mask = functional.rank_dropout_keep(weight.shape[0], plan.rank_dropout, generator=self.generator)
-        return functional.apply_rank_dropout(weight, mask, rescale=plan.rank_dropout_scale)
+        mask_dtype = torch.float32 if plan.fp32_dropout_mask else None
+        return functional.apply_rank_dropout(weight, mask, rescale=plan.rank_dropout_scale, mask_dtype=mask_dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._adapted_forward(x, *args, **kwargs)
@@ -241,10 +242,13 @@ class _FactorizedLayer(LycorisLayer):
         *,
         autocast_adapter_dtype: bool = True,
         module_path: str = "",
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__(base_layer)
         self.layer_shape = layer_shape_of(self.get_base_layer(), module_path)
         self.module_path = module_path
+        #: ``"meta"`` creates factors without storage (``_init_empty_weights``, huge models).
+        self.factor_device = device
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, r, alpha, config=config, autocast_adapter_dtype=autocast_adapter_dtype)
 
@@ -257,8 +261,8 @@ class _FactorizedLayer(LycorisLayer):
         return type(self).plan_fn(self.layer_shape, r, alpha, config, where=self.module_path)
 
     def create_adapter_parameters(self, adapter_name: str, r: int, *, plan: AdapterPlan, **kwargs: Any) -> None:
-        device = "meta" if self.get_base_layer().weight.is_meta else "cpu"
-        self._create_factors(adapter_name, plan, device)
+        meta = self.factor_device == "meta" or self.get_base_layer().weight.is_meta
+        self._create_factors(adapter_name, plan, "meta" if meta else "cpu")
 
     def reset_adapter_parameters(self, adapter_name: str) -> None:
         self._init_factors(adapter_name)

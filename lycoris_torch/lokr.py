@@ -31,8 +31,8 @@ def make_kron(w1: torch.Tensor, w2: torch.Tensor, scale: float = 1.0) -> torch.T
     """
     if w2.dim() == 4:
         w1 = w1.unsqueeze(2).unsqueeze(2)
-    # Normalise the strides of size-1 dims (no copy): ``torch.kron`` fails on the odd strides an
-    # einsum can give them, e.g. the Tucker W2 of a Conv1d at r=1 (PEFT crashes there).
+    # Normalise the strides of size-1 dims (a view when W2 is contiguous): ``torch.kron`` fails on
+    # the odd strides an einsum can give them, e.g. the Tucker W2 of a Conv1d at r=1 (PEFT crashes).
     w2 = w2.contiguous().reshape(-1).reshape(w2.shape)
     return torch.kron(w1, w2) * scale
 

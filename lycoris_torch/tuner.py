@@ -44,9 +44,8 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = adapter_name
 
     def set_adapter(self, adapter_names: Sequence[str]) -> None:
+        """Use the copy of the (single) active adapter this wrapper holds; the tuner checks first."""
         names = [n for n in adapter_names if n in self.modules_to_save]
-        if len(names) > 1:
-            raise ValueError(f"modules_to_save can only have one active adapter, got {names}")
         self.active_adapter = names[0] if names else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -122,10 +121,15 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                 inside.append(name + ".")
         return table
 
-    def _output_layer_names(self) -> list[str]:
+    def _module_aliases(self) -> dict[int, list[str]]:
+        aliases: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            aliases.setdefault(id(module), []).append(name)
+        return aliases
+
+    def _output_embeddings(self) -> nn.Module | None:
         get_out = getattr(self.model, "get_output_embeddings", None)
-        out = get_out() if callable(get_out) else None
-        return [n for n, m in self.model.named_modules() if out is not None and m is out]
+        return get_out() if callable(get_out) else None
 
     def _parents(self, key: str) -> Iterator[nn.Module]:
         parts = key.split(".")
@@ -180,11 +184,11 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
             for key in plans:
                 target = modules[key]
                 parent, attr = _get_submodule_parent(self.model, key)
-                self._create_and_replace(config, adapter_name, target, attr, parent, key)
                 if isinstance(target, LycorisLayer):
-                    updated.append(target)
+                    updated.append(target)  # before the call: a half-updated layer is rolled back too
                 else:
                     replaced.append((parent, attr, target))
+                self._create_and_replace(config, adapter_name, target, attr, parent, key)
             self._wrap_modules_to_save(adapter_name, config, replaced)
             if fill is not None:
                 fill()
@@ -235,7 +239,8 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                     for name, ckpt_key in names.items():
                         _assign(params, name, tensors[ckpt_key])
                 for bare, (module_key, sub) in extra.items():
-                    modules[module_key].modules_to_save[adapter_name].get_parameter(sub).copy_(tensors[other[bare]])
+                    copy_state = modules[module_key].modules_to_save[adapter_name].state_dict()
+                    copy_state[sub].copy_(tensors[other[bare]])  # parameters and buffers share storage
 
         return fill
 
@@ -252,23 +257,42 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                     module = self.model.get_submodule(module_key)
                     if isinstance(module, ModulesToSaveWrapper):
                         module = module.original_module
-                    params = dict(module.named_parameters())
-                    if sub in params and tuple(params[sub].shape) == shape:
+                    entries = module.state_dict()
+                    if sub in entries and tuple(entries[sub].shape) == shape:
                         found[bare] = (module_key, sub)
                     break
             if bare not in found:
-                raise ValueError(f"checkpoint key {bare!r} fits no adapter factor nor a `modules_to_save` parameter")
+                raise ValueError(
+                    f"checkpoint key {bare!r} {shape}: fits no adapter factor nor a `modules_to_save` parameter or buffer"
+                )
         return found
 
     # ------------------------------------------------------------------ framework hooks
+    def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for key, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield key, module
+
+    def _check_set_adapter(self, names: list[str]) -> None:
+        for key, wrapper in self._wrappers():
+            held = [n for n in names if n in wrapper.modules_to_save]
+            if len(held) > 1:
+                raise ValueError(f"{key}: modules_to_save can only have one active adapter, got {held}")
+
     def _after_set_adapter(self, names: list[str]) -> None:
+        """Only active, non-inference-mode adapters train: factors and modules_to_save copies."""
+
+        def trainable(name: str) -> bool:
+            return name in names and not self.peft_config[name].inference_mode
+
         for _, layer in self._lycoris_layers():
             for name in names:
-                if self.peft_config[name].inference_mode and name in layer.factors:
+                if name in layer.factors and not trainable(name):
                     layer.factors[name].requires_grad_(False)
-        for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.set_adapter(names)
+        for _, wrapper in self._wrappers():
+            wrapper.set_adapter(names)
+            for name, copy_ in wrapper.modules_to_save.items():
+                copy_.requires_grad_(trainable(name))
 
     def _after_delete_adapter(self, adapter_name: str) -> None:
         for module in self.model.modules():
@@ -277,10 +301,9 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                 module.set_adapter(self.active_adapter)
 
     def _enable_adapters(self, enabled: bool) -> None:
+        for _, wrapper in self._wrappers():
+            wrapper.disabled = not enabled
         super()._enable_adapters(enabled)
-        for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.disabled = not enabled
 
     def _unload_layers(self) -> None:
         for key, module in list(self.model.named_modules()):

@@ -16,8 +16,10 @@ __all__ = ["channels_first", "channels_last", "load_torch_state_into_nnx", "torc
 
 
 def torch_to_flax_kernel(weight: np.ndarray) -> np.ndarray:
-    """``(out, in)`` -> ``(in, out)``; ``(out, in/g, *k)`` -> ``(*k, in/g, out)``."""
-    return np.transpose(weight, (*range(2, weight.ndim), 1, 0))
+    """``(out, in)`` -> ``(in, out)``; ``(out, in/g, *k)`` -> ``(*k, in/g, out)`` (``lycoris_jax``'s rule)."""
+    from lycoris_jax.functional import to_flax_kernel
+
+    return to_flax_kernel(np.asarray(weight))
 
 
 def channels_last(x: np.ndarray) -> np.ndarray:

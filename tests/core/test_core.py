@@ -147,8 +147,8 @@ def test_bad_config_values_raise_clear_errors(kw, match):
 
 def test_lokr_specific_validation():
     assert lc.LoKrConfig(init_weights="lycoris").init_weights == "lycoris"
-    with pytest.raises(ValueError, match="decompose_factor: expected -1 or a positive integer, got 0"):
-        lc.LoKrConfig(decompose_factor=0)
+    with pytest.raises(TypeError, match="decompose_factor: expected an integer"):
+        lc.LoKrConfig(decompose_factor=2.5)
 
 
 def test_config_json_round_trip_and_peft_interop(tmp_path):

@@ -492,3 +492,63 @@ def test_quiet_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lj.LoHaModel(mlp(), loha())(*XM)
+
+
+def test_trainable_filter_trains_only_active_non_inference_adapters(tmp_path):
+    lj.LoKrModel(mlp(), lokr()).save_pretrained(tmp_path)
+    tuner = lj.LycorisTuner.from_pretrained(mlp(), tmp_path, adapter_name="frozen")  # inference mode
+    tuner.add_adapter("train", lokr())
+    tuner.add_adapter("idle", lokr())
+    tuner.set_adapter(["frozen", "train"])
+    before = {k: np.asarray(v) for k, v in tuner.adapter_state_dict("frozen").items()}
+    idle = {k: np.asarray(v) for k, v in tuner.adapter_state_dict("idle").items()}
+    trained = {k: np.asarray(v) for k, v in tuner.adapter_state_dict("train").items()}
+    wrt = tuner.trainable_filter()
+    optimizer = nnx.Optimizer(tuner, optax.adamw(1e-2, weight_decay=0.1), wrt=wrt)
+    grads = nnx.grad(lambda t: (t(*XM) ** 2).mean(), argnums=nnx.DiffState(0, wrt))(tuner)
+    optimizer.update(tuner, grads)
+    for name, ref in (("frozen", before), ("idle", idle)):
+        for k, v in tuner.adapter_state_dict(name).items():
+            np.testing.assert_array_equal(v, ref[k])
+    assert any(not np.array_equal(v, trained[k]) for k, v in tuner.adapter_state_dict("train").items())
+
+
+def test_failed_add_adapter_leaves_layers_consistent(tmp_path):
+    lj.LoKrModel(mlp(), lokr()).save_pretrained(tmp_path)
+    tuner = lj.LycorisTuner.from_pretrained(mlp(), tmp_path, rngs=nnx.Rngs(dropout=1))  # loading needs no params stream
+    snap = snapshot(tuner.model)
+    with pytest.raises(ValueError, match=r"head: initialising adapter factors needs an nnx.Rngs with a 'params'"):
+        tuner.add_adapter("b", lokr())
+    assert_unchanged(tuner.model, snap)
+    for _, layer in tuner._lycoris_layers():
+        assert set(layer.plans) == set(layer.factors) == {"default"}
+
+
+def test_shared_module_is_rejected_untouched():
+    class Shared(nnx.Module):
+        def __init__(self):
+            q = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+            self.enc = nnx.Dict({"q": q})
+            self.dec = nnx.Dict({"q": q})
+
+    model = Shared()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"dec.q: this module is shared, reachable as \['dec.q', 'enc.q'\]"):
+        lj.LoHaModel(model, lj.LoHaConfig(target_modules=["q"]))
+    assert_unchanged(model, snap)
+
+
+def test_all_linear_on_nnx():
+    tuner = lj.LoHaModel(conv_and_linear := _conv_linear(), lj.LoHaConfig(r=2, target_modules="all-linear"))
+    assert sorted(n for n, _ in tuner._lycoris_layers()) == ["a", "b"]
+    assert conv_and_linear is tuner.model
+
+
+def _conv_linear():
+    class M(nnx.Module):
+        def __init__(self):
+            self.a = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.b = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.conv = nnx.Conv(4, 4, (3,), rngs=nnx.Rngs(0))
+
+    return M()
