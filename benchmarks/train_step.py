@@ -74,8 +74,13 @@ def jax_times(dim: int, layers: int, batch: int, steps: int) -> dict[str, float]
             grads = nnx.grad(lambda t: (t(x) ** 2).mean(), argnums=nnx.DiffState(0, lj.LycorisParam))(t)
             o.update(t, grads)
 
-        probe = tuner.model.layers[0].factors["default"]
-        out[kind] = _time(lambda: (step(tuner, opt, x), jax.block_until_ready(next(iter(probe.values()))[...])), steps)
+        probe = next(iter(tuner.model.layers[0].factors["default"].values()))
+
+        def run(step=step, tuner=tuner, opt=opt, probe=probe) -> None:
+            step(tuner, opt, x)
+            jax.block_until_ready(probe[...])
+
+        out[kind] = _time(run, steps)
     return out
 
 
