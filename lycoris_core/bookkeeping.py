@@ -156,10 +156,11 @@ class TunerBookkeeping:
     by ``peft_type``), ``_layer_base`` (the twin's ``LycorisLayer``), ``_linear_type``,
     ``_layer_shape_of(module, key)``. Method hooks: ``_module_table()`` ``{name: module}``,
     ``_module_aliases()`` ``{id(module): [every name]}``, ``_lycoris_layers()``,
+    ``_replace_child(parent, key, module)``,
     ``_inject(adapter_name, config, plans, fill)``, ``_fill(adapter_name, config, by_module, other,
     tensors)`` (returns the fill callback), ``_factor_tensors(layer, adapter_name)``,
     ``_read_state(path)``, ``_write_state(path, tensors)``, ``_unload_layers()``; optional:
-    ``_output_embeddings()``, ``_extra_state(adapter_name)``, ``_check_set_adapter(names)``,
+    ``_output_embeddings()``, ``_layer_kwargs()``, ``_extra_state(adapter_name)``, ``_check_set_adapter(names)``,
     ``_after_set_adapter(names)``, ``_after_delete_adapter(adapter_name)``, ``_enable_adapters``.
     """
 
@@ -245,6 +246,46 @@ class TunerBookkeeping:
         return plans
 
     # ------------------------------------------------------------------ adding adapters
+    @classmethod
+    def _create_new_module(cls, config: LycorisConfig, adapter_name: str, target: Any, **kwargs: Any) -> Any:
+        """A new adapter layer of the type ``layers_mapping`` gives for ``target``."""
+        layer_cls = cls._layer_class_for(target, kwargs.get("module_path", "target"))
+        return layer_cls(target, adapter_name, config, **kwargs)
+
+    def _layer_kwargs(self) -> dict[str, Any]:
+        """Extra constructor arguments for new adapter layers (e.g. the JAX twin's ``rngs``)."""
+        return {}
+
+    def _create_and_replace(
+        self,
+        config: LycorisConfig,
+        adapter_name: str,
+        target: Any,
+        target_name: Any,
+        parent: Any,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        """Add ``adapter_name`` to an existing adapter layer, or replace ``target`` on ``parent``
+        (attribute or item ``target_name``) by a new one. ``kwargs`` reach the layer."""
+        r, alpha = resolve_rank_alpha(config, current_key)
+        autocast = self.autocast_adapter_dtype
+        if isinstance(target, self._layer_base):
+            target.update_layer(adapter_name, r, alpha, config=config, autocast_adapter_dtype=autocast, **kwargs)
+        else:
+            new = self._create_new_module(
+                config,
+                adapter_name,
+                target,
+                r=r,
+                alpha=alpha,
+                autocast_adapter_dtype=autocast,
+                module_path=current_key,
+                **self._layer_kwargs(),
+                **kwargs,
+            )
+            self._replace_child(parent, target_name, new)
+
     def _check_new_adapter(self, adapter_name: str, config: LycorisConfig) -> None:
         if not isinstance(adapter_name, str) or not adapter_name:
             raise ValueError(f"adapter_name: expected a non-empty string, got {adapter_name!r}")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors.flax import load_file, save_file
 
-from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig, resolve_rank_alpha
+from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig
 from lycoris_core._io import atomic_write
 from lycoris_core.bookkeeping import TunerBookkeeping
 from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam, layer_shape_of
@@ -133,42 +133,10 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         return node
 
     # ------------------------------------------------------------------ injection
-    @classmethod
-    def _create_new_module(
-        cls, config: LycorisConfig, adapter_name: str, target: nnx.Module, **kwargs: Any
-    ) -> LycorisLayer:
-        layer_cls = cls._layer_class_for(target, kwargs.get("module_path", "target"))
-        return layer_cls(target, adapter_name, config, **kwargs)
+    _replace_child = staticmethod(_set_child)
 
-    def _create_and_replace(
-        self,
-        config: LycorisConfig,
-        adapter_name: str,
-        target: nnx.Module,
-        target_name: Any,
-        parent: Any,
-        current_key: str,
-        **kwargs: Any,
-    ) -> None:
-        """Add ``adapter_name`` to an existing adapter layer, or replace ``target`` by a new one."""
-        r, alpha = resolve_rank_alpha(config, current_key)
-        if isinstance(target, LycorisLayer):
-            target.update_layer(
-                adapter_name, r, alpha, config=config, autocast_adapter_dtype=self.autocast_adapter_dtype, **kwargs
-            )
-        else:
-            new = self._create_new_module(
-                config,
-                adapter_name,
-                target,
-                r=r,
-                alpha=alpha,
-                rngs=self.rngs,
-                autocast_adapter_dtype=self.autocast_adapter_dtype,
-                module_path=current_key,
-                **kwargs,
-            )
-            _set_child(parent, target_name, new)
+    def _layer_kwargs(self) -> dict[str, Any]:
+        return {"rngs": self.rngs}
 
     def _resolve_targets(self, config: LycorisConfig) -> dict[str, Any]:
         if config.modules_to_save:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig, checkpoint_key, resolve_rank_alpha
+from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig, checkpoint_key
 from lycoris_core._io import atomic_write
 from lycoris_core.bookkeeping import TunerBookkeeping
 from lycoris_core.state import modules_to_save_key
@@ -131,47 +131,16 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         get_out = getattr(self.model, "get_output_embeddings", None)
         return get_out() if callable(get_out) else None
 
+    @staticmethod
+    def _replace_child(parent: nn.Module, name: str, module: nn.Module) -> None:
+        setattr(parent, name, module)
+
     def _parents(self, key: str) -> Iterator[nn.Module]:
         parts = key.split(".")
         for i in range(1, len(parts)):
             yield self.model.get_submodule(".".join(parts[:i]))
 
     # ------------------------------------------------------------------ injection
-    @classmethod
-    def _create_new_module(
-        cls, config: LycorisConfig, adapter_name: str, target: nn.Module, **kwargs: Any
-    ) -> LycorisLayer:
-        """A new adapter layer of the type ``layers_mapping`` gives for ``target``."""
-        layer_cls = cls._layer_class_for(target, kwargs.get("module_path", "target"))
-        return layer_cls(target, adapter_name, config, **kwargs)
-
-    def _create_and_replace(
-        self,
-        config: LycorisConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-    ) -> None:
-        """Add ``adapter_name`` to an existing adapter layer, or replace ``target`` by a new one."""
-        r, alpha = resolve_rank_alpha(config, current_key)
-        if isinstance(target, LycorisLayer):
-            target.update_layer(
-                adapter_name, r, alpha, config=config, autocast_adapter_dtype=self.autocast_adapter_dtype
-            )
-        else:
-            new_module = self._create_new_module(
-                config,
-                adapter_name,
-                target,
-                r=r,
-                alpha=alpha,
-                autocast_adapter_dtype=self.autocast_adapter_dtype,
-                module_path=current_key,
-            )
-            setattr(parent, target_name, new_module)
-
     def _inject(
         self, adapter_name: str, config: LycorisConfig, plans: dict[str, Any], fill: Callable[[], None] | None
     ) -> None:
