@@ -1,25 +1,70 @@
-"""Atomic file writes: a temp file in the target directory, then ``os.replace``."""
+"""Crash-safe writes: a reader sees the old files or the new ones, never a mix.
+
+``atomic_write``: one file, via a synced temp file beside it and ``os.replace``.
+``replace_files``: several files of one directory tree at once. The new tree is staged in a temp
+directory beside it (everything else the directory holds is hard-linked in, the new files are
+written and synced), then the two directories are swapped in one ``renameat2(RENAME_EXCHANGE)``
+(Linux; elsewhere two renames, between which the directory is briefly absent but never mixed).
+Where the directory itself cannot be renamed (a mount point, a read-only parent, a filesystem
+without hard links) the files are replaced in place under an ``INCOMPLETE_MARKER`` file that
+our loaders refuse, so only a hard crash in the middle of those renames leaves it, and it says so.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+__all__ = ["INCOMPLETE_MARKER", "atomic_write", "atomic_write_text", "replace_files"]
+
+#: Present only while (or after a hard crash during) an in-place save; loaders refuse such a directory.
+INCOMPLETE_MARKER = ".lycoris-incomplete-save"
+
+# errno values meaning "this directory cannot be swapped here", not "the save failed".
+_CANNOT_SWAP = {errno.EBUSY, errno.EXDEV, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTSUP, errno.EMLINK}
+
+
+def _fsync(path: str) -> None:
+    """Flush a file or directory entry to disk (directories: best effort, not every filesystem can)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, synced to disk."""
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path``; no half-written file remains."""
+    """Call ``write(tmp_path)`` and move the synced result onto ``path``; no half-written file remains."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync(directory)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -28,3 +73,153 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
 
     atomic_write(path, write)
+
+
+def replace_files(directory: str | os.PathLike, files: Mapping[str, bytes]) -> None:
+    """Make ``directory`` hold ``files`` (``{relative path: bytes}``, subdirectories allowed) in one
+    step, keeping everything else it holds. On any error or interrupt before the swap, the
+    directory is exactly as it was and the staged copy is removed."""
+    directory = os.path.realpath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(errno.ENOTDIR, "expected a directory to save into", directory)
+    parent, base = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    try:
+        staged = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+    except PermissionError:
+        return _replace_in_place(directory, files)
+    swapped = False
+    try:
+        try:
+            _stage(directory, files, staged)
+        except OSError as err:
+            if err.errno not in _CANNOT_SWAP:
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            return _replace_in_place(directory, files)
+        try:
+            swapped = _swap(staged, directory)
+        except OSError as err:
+            if err.errno not in _CANNOT_SWAP:
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            return _replace_in_place(directory, files)
+    finally:
+        # After the swap ``staged`` holds the previous tree (or nothing); before it, the new one.
+        if os.path.isdir(staged):
+            shutil.rmtree(staged, ignore_errors=True)
+    if swapped:
+        _fsync(parent)
+
+
+def _stage(directory: str, files: Mapping[str, bytes], staged: str) -> None:
+    """Fill ``staged`` with hard links to ``directory``'s contents, then the new ``files``."""
+    if os.path.isdir(directory):
+        shutil.copytree(directory, staged, symlinks=True, copy_function=os.link, dirs_exist_ok=True)
+    marker = os.path.join(staged, INCOMPLETE_MARKER)
+    if os.path.lexists(marker):
+        os.remove(marker)
+    for rel, data in files.items():
+        path = os.path.join(staged, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)  # a hard link to the old file: never write through it
+        _write_new(path, data)
+    for root, _, _ in os.walk(staged, topdown=False):
+        _fsync(root)
+
+
+def _swap(staged: str, directory: str) -> bool:
+    """Put the staged tree at ``directory``; the previous tree (if any) ends up at ``staged``."""
+    if not os.path.lexists(directory):
+        os.rename(staged, directory)
+        return True
+    if _exchange(staged, directory):
+        return True
+    old = f"{staged}.old"
+    os.rename(directory, old)
+    try:
+        os.rename(staged, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    os.rename(old, staged)
+    return True
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2``); ``False`` where that is unavailable."""
+    libc = _libc()
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+
+
+def _replace_in_place(directory: str, files: Mapping[str, bytes]) -> None:
+    """Write every file beside its target, then rename them all under ``INCOMPLETE_MARKER``."""
+    os.makedirs(directory, exist_ok=True)
+    token = os.urandom(4).hex()
+    pending: list[tuple[str, str]] = []
+    marker = os.path.join(directory, INCOMPLETE_MARKER)
+    try:
+        for rel, data in files.items():
+            path = os.path.join(directory, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{token}"
+            _write_new(tmp, data)
+            pending.append((tmp, path))
+        for d in {os.path.dirname(p) for _, p in pending}:
+            _fsync(d)
+        with contextlib.suppress(FileExistsError):
+            _write_new(marker, b"an interrupted save left this directory with a mix of old and new files\n")
+        _fsync(directory)
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
+    done = 0
+    try:
+        for tmp, path in pending:
+            os.replace(tmp, path)
+            done += 1
+    except BaseException:
+        # An interrupt mid-way: finish the (fast, local) renames; the marker stays if one fails.
+        complete = True
+        for tmp, path in pending[done:]:
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                pass  # renamed just before the interrupt
+            except OSError:
+                complete = False
+        if complete:
+            _finish_in_place(directory, pending, marker)
+        raise
+    _finish_in_place(directory, pending, marker)
+
+
+def _finish_in_place(directory: str, renamed: list[tuple[str, str]], marker: str) -> None:
+    for d in {directory, *(os.path.dirname(path) for _, path in renamed)}:
+        _fsync(d)
+    os.remove(marker)
+    _fsync(directory)

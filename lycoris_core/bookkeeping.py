@@ -17,12 +17,23 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from lycoris_core import state
-from lycoris_core.checkpoint import SAFETENSORS_NAME, checkpoint_key
-from lycoris_core.config import LycorisConfig, config_class_for
+from lycoris_core._io import replace_files
+from lycoris_core.checkpoint import SAFETENSORS_NAME, checkpoint_key, split_checkpoint_keys
+from lycoris_core.config import CONFIG_NAME, LycorisConfig, config_class_for
+from lycoris_core.errors import CheckpointError
+from lycoris_core.files import AdapterFiles, check_factor_dtypes, read_adapter_files
 from lycoris_core.plan import AdapterPlan, LayerShape
-from lycoris_core.targets import match_targets, resolve_rank_alpha
+from lycoris_core.targets import NoMatchingModuleError, match_targets, resolve_rank_alpha
 
-__all__ = ["LayerBookkeeping", "TunerBookkeeping"]
+__all__ = ["Checkpoint", "LayerBookkeeping", "TunerBookkeeping"]
+
+
+class Checkpoint(dict):
+    """Checkpoint tensors ``{key: tensor}`` read from the file ``path`` (named in every error)."""
+
+    def __init__(self, path: str, tensors: Mapping[str, Any]) -> None:
+        super().__init__(tensors)
+        self.path = path
 
 
 class LayerBookkeeping:
@@ -110,17 +121,34 @@ class LayerBookkeeping:
             f"The adapter {adapter_name} seems to be broken"
         )
 
+    def _check_unmerged(self, operation: str, names: Sequence[str]) -> None:
+        """Refuse to rescale a merged adapter: unmerge subtracts ΔW at the scale it was merged with
+        (PEFT uses the new scale and leaves a residue in the base weight; docs/DEVIATIONS.md k)."""
+        merged = [n for n in names if n in self.merged_adapters]
+        if merged:
+            where = getattr(self, "module_path", "") or type(self).__name__
+            raise ValueError(
+                f"{where}: cannot {operation} adapter(s) {merged} while merged into the base weight; "
+                "call unmerge_adapter() first"
+            )
+
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale * alpha / r``; no-op for an adapter this layer does not hold."""
-        self.scaling = state.set_scale(self.scaling, self.plans, adapter, scale)
+        new = state.set_scale(self.scaling, self.plans, adapter, scale)
+        self._check_unmerged("set_scale", [adapter])
+        self.scaling = new
 
     def scale_layer(self, scale: float) -> None:
         """Multiply the scaling of every active adapter by ``scale``."""
-        self.scaling = state.scale_layer(self.scaling, self.active_adapters, scale)
+        new = state.scale_layer(self.scaling, self.active_adapters, scale)
+        self._check_unmerged("scale_layer", self.active_adapters)
+        self.scaling = new
 
     def unscale_layer(self, scale: float | None = None) -> None:
         """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
-        self.scaling = state.unscale_layer(self.scaling, self.plans, self.active_adapters, scale)
+        new = state.unscale_layer(self.scaling, self.plans, self.active_adapters, scale)
+        self._check_unmerged("unscale_layer", self.active_adapters)
+        self.scaling = new
 
     def _cast_input_dtype(self, x: Any, dtype: Any) -> Any:
         if x is None or not self.cast_input_dtype_enabled or x.dtype == dtype:
@@ -159,7 +187,8 @@ class TunerBookkeeping:
     ``_replace_child(parent, key, module)``,
     ``_inject(adapter_name, config, plans, fill)``, ``_fill(adapter_name, config, by_module, other,
     tensors)`` (returns the fill callback), ``_factor_tensors(layer, adapter_name)``,
-    ``_read_state(path)``, ``_write_state(path, tensors)``, ``_unload_layers()``; optional:
+    ``_read_state(path)``, ``_serialize_state(tensors)`` (safetensors bytes), ``_all_finite(tensor)``,
+    ``eval()``, ``_unload_layers()``; optional:
     ``_output_embeddings()``, ``_layer_kwargs()``, ``_extra_state(adapter_name)``, ``_check_set_adapter(names)``,
     ``_after_set_adapter(names)``, ``_after_delete_adapter(adapter_name)``, ``_enable_adapters``.
     """
@@ -287,30 +316,46 @@ class TunerBookkeeping:
             self._replace_child(parent, target_name, new)
 
     def _check_new_adapter(self, adapter_name: str, config: LycorisConfig) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter_name: expected a non-empty string, got {adapter_name!r}")
+        state.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
         if not isinstance(config, self.config_cls):
             raise TypeError(
                 f"{type(self).__name__}: expected a {self.config_cls.__name__}, got {type(config).__name__}"
             )
+        merged = sorted({n for _, layer in self._lycoris_layers() for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(
+                f"cannot add adapter {adapter_name!r} while adapter(s) {merged} are merged into the model; "
+                "call unmerge_adapter() first"
+            )
 
     def add_adapter(self, adapter_name: str, config: LycorisConfig) -> None:
         """Inject adapter ``adapter_name``; the first adapter becomes active, later ones do not."""
         self._add(adapter_name, config, None)
 
+    @classmethod
+    def _factor_names(cls) -> set[str]:
+        return {n for c in cls.layers_mapping.values() for n in c.adapter_layer_names}
+
     def _add(self, adapter_name: str, config: LycorisConfig, tensors: Mapping[str, Any] | None) -> None:
         """Validate (name, config, targets, plans, checkpoint ``tensors``), then inject and fill;
-        all or nothing."""
-        self._check_new_adapter(adapter_name, config)
-        plans = self._resolve_targets(config)
-        fill = None
-        if tensors is not None:
-            factor_names = {n for c in self.layers_mapping.values() for n in c.adapter_layer_names}
-            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-            by_module, other = state.check_checkpoint(plans, shapes, factor_names)
-            fill = self._fill(adapter_name, config, by_module, other, tensors)
+        all or nothing. Errors about a :class:`Checkpoint` name its file."""
+        try:
+            self._check_new_adapter(adapter_name, config)
+            plans = self._resolve_targets(config)
+            fill = None
+            if tensors is not None:
+                shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+                by_module, other = state.check_checkpoint(plans, shapes, self._factor_names(), self._module_table())
+                fill = self._fill(adapter_name, config, by_module, other, tensors)
+        except (TypeError, ValueError) as err:
+            path = getattr(tensors, "path", None)
+            if path is None or isinstance(err, CheckpointError):
+                raise
+            if isinstance(err, NoMatchingModuleError):
+                raise NoMatchingModuleError(f"{path}: {err}") from None
+            raise CheckpointError(path, str(err)) from None
         self._inject(adapter_name, copy.deepcopy(config), plans, fill)
         self.set_adapter(adapter_name if len(self.peft_config) == 1 else self.active_adapter)
 
@@ -407,19 +452,34 @@ class TunerBookkeeping:
         """Return the plain model (adapter layers replaced by their base layers, nothing merged)."""
         self._unload_layers()
         self.peft_config = {}
+        self.active_adapter = []
         return self.model
 
+    def _scale_all(self, operation: str, names: Callable[[Any], Sequence[str]], apply: Callable[[Any], None]) -> None:
+        """Check every layer (scale value, merged adapters), then apply to all: all or nothing."""
+        layers = [layer for _, layer in self._lycoris_layers()]
+        for layer in layers:
+            layer._check_unmerged(operation, names(layer))
+        for layer in layers:
+            apply(layer)
+
     def set_scale(self, adapter: str, scale: float) -> None:
-        for _, layer in self._lycoris_layers():
-            layer.set_scale(adapter, scale)
+        """``scaling = scale * alpha / r`` for ``adapter`` in every layer (refused while it is merged)."""
+        if adapter not in self.peft_config:
+            raise ValueError(f"Adapter {adapter!r} does not exist; available: {sorted(self.peft_config)}")
+        state.check_scale("set_scale: scale", scale)
+        self._scale_all("set_scale", lambda _: [adapter], lambda layer: layer.set_scale(adapter, scale))
 
     def scale_layer(self, scale: float) -> None:
-        for _, layer in self._lycoris_layers():
-            layer.scale_layer(scale)
+        """Multiply the scaling of the active adapters in every layer (refused while merged)."""
+        state.check_scale("scale_layer: scale", scale)
+        self._scale_all("scale_layer", lambda layer: layer.active_adapters, lambda layer: layer.scale_layer(scale))
 
     def unscale_layer(self, scale: float | None = None) -> None:
-        for _, layer in self._lycoris_layers():
-            layer.unscale_layer(scale)
+        """Divide the active adapters' scaling by ``scale`` (non-zero), or reset it to ``alpha / r``."""
+        if scale is not None:
+            state.check_scale("unscale_layer: scale", scale, nonzero=True)
+        self._scale_all("unscale_layer", lambda layer: layer.active_adapters, lambda layer: layer.unscale_layer(scale))
 
     # ------------------------------------------------------------------ files
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, Any]:
@@ -441,14 +501,31 @@ class TunerBookkeeping:
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None
     ) -> None:
-        """PEFT layout: ``default`` in ``save_directory``, others in ``save_directory/<name>/``;
-        each file is written to a temp file first, then renamed."""
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        """PEFT layout: ``default`` in ``save_directory``, others in ``save_directory/<name>/``.
+
+        Crash-safe: every selected adapter is checked and serialised first, then all files change
+        in one step (``lycoris_core._io.replace_files``); a failure or an interrupt at any point
+        leaves the previous checkpoint as it was. Saving nothing is an error.
+        """
+        names = list(self.peft_config) if selected_adapters is None else selected_adapters
+        if isinstance(names, str):
+            raise TypeError(f"selected_adapters: expected a list of adapter names, got the string {names!r}")
+        names = list(names)
+        if not names:
+            raise ValueError(
+                "nothing to save: the model holds no adapters" if not self.peft_config else "selected_adapters is empty"
+            )
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(
+                f"selected_adapters {names}: {'unknown ' + str(unknown) if unknown else 'duplicates'}; "
+                f"available: {sorted(self.peft_config)}"
+            )
+        files: dict[str, bytes] = {}
         for name in names:
             tensors = self.adapter_state_dict(name)
-            directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(directory, exist_ok=True)
-            self._write_state(os.path.join(directory, SAFETENSORS_NAME), tensors)
+            if not tensors:
+                raise ValueError(f"adapter {name!r} holds no weights to save")
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             if config.auto_mapping is None and getattr(self.model, "config", None) is None:
@@ -456,14 +533,30 @@ class TunerBookkeeping:
                     "base_model_class": type(self.model).__name__,
                     "parent_library": type(self.model).__module__,
                 }
-            config.save_pretrained(directory)
+            sub = "" if name == "default" else name
+            files[os.path.join(sub, CONFIG_NAME)] = config.to_json_string().encode("utf-8")
+            files[os.path.join(sub, SAFETENSORS_NAME)] = self._serialize_state(tensors)
+        replace_files(save_directory, files)
 
     @classmethod
-    def _checkpoint_path(cls, directory: str | os.PathLike) -> str:
-        path = os.path.join(directory, SAFETENSORS_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{os.fspath(directory)!r}: no {SAFETENSORS_NAME} found (only safetensors files are read)")
-        return path
+    def _read_checkpoint(cls, files: AdapterFiles, allow_nonfinite: bool) -> Checkpoint:
+        """Read the weights of a validated directory: factor dtypes checked from the header first,
+        then the data, then (unless ``allow_nonfinite``) NaN/inf in any factor is refused."""
+        path = files.weights
+        by_module, _ = split_checkpoint_keys(files.tensors, cls._factor_names())
+        factor_keys = sorted(k for keys in by_module.values() for k in keys.values())
+        check_factor_dtypes(path, files.tensors, factor_keys)
+        try:
+            tensors = cls._read_state(path)
+        except Exception as err:  # the framework's reader: whatever it raises, name the file
+            raise CheckpointError(path, f"cannot read tensors: {type(err).__name__}: {err}") from None
+        if not allow_nonfinite:
+            bad = [k for k in factor_keys if not cls._all_finite(tensors[k])]
+            if bad:
+                raise CheckpointError(
+                    path, f"non-finite values (NaN or inf) in {bad}; pass allow_nonfinite=True to load them anyway"
+                )
+        return Checkpoint(path, tensors)
 
     @classmethod
     def from_pretrained(
@@ -472,14 +565,28 @@ class TunerBookkeeping:
         directory: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        *,
+        allow_nonfinite: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Wrap ``model`` and load a PEFT-format adapter directory; dispatches on ``peft_type``."""
-        config = LycorisConfig.from_pretrained(directory)
-        tuner_cls = cls._tuner_class_for(config.peft_type)
+        """Wrap ``model`` and load a PEFT-format adapter directory; dispatches on ``peft_type``.
+
+        With ``is_trainable=False`` (the default, as in PEFT) the adapter is frozen and the whole
+        model is put in eval mode (no rank/module dropout). Every error names the file at fault
+        and leaves ``model`` untouched.
+        """
+        files = read_adapter_files(directory)
+        try:
+            tuner_cls = cls._tuner_class_for(files.config.peft_type)
+        except ValueError as err:
+            raise CheckpointError(os.path.join(directory, CONFIG_NAME), str(err)) from None
+        config = files.config
         config.inference_mode = not is_trainable
-        tensors = cls._read_state(cls._checkpoint_path(directory))
-        return tuner_cls(model, config, adapter_name, state_dict=tensors, **kwargs)
+        tensors = tuner_cls._read_checkpoint(files, allow_nonfinite)
+        tuner = tuner_cls(model, config, adapter_name, state_dict=tensors, **kwargs)
+        if not is_trainable:
+            tuner.eval()
+        return tuner
 
     @classmethod
     def _tuner_class_for(cls, peft_type: str) -> type:
@@ -494,12 +601,24 @@ class TunerBookkeeping:
             raise ValueError(f"unknown peft_type {peft_type!r}; expected one of {sorted(cls._registry)}")
         return cls._registry[peft_type]
 
-    def load_adapter(self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add an adapter from a PEFT-format directory (not activated, as in PEFT)."""
-        config = LycorisConfig.from_pretrained(directory)
+    def load_adapter(
+        self,
+        directory: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        allow_nonfinite: bool = False,
+    ) -> None:
+        """Add an adapter from a PEFT-format directory (not activated, as in PEFT). With
+        ``is_trainable=False`` the model is put in eval mode, as PEFT's ``load_adapter`` does."""
+        files = read_adapter_files(directory)
+        config = files.config
         if config.peft_type != self.config_cls.PEFT_TYPE:
-            raise ValueError(
-                f"{type(self).__name__} cannot load adapter {adapter_name!r} with peft_type {config.peft_type!r}"
+            raise CheckpointError(
+                os.path.join(directory, CONFIG_NAME),
+                f"{type(self).__name__} cannot load adapter {adapter_name!r} with peft_type {config.peft_type!r}",
             )
         config.inference_mode = not is_trainable
-        self._add(adapter_name, config, self._read_state(self._checkpoint_path(directory)))
+        self._add(adapter_name, config, self._read_checkpoint(files, allow_nonfinite))
+        if not is_trainable:
+            self.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from lycoris_core._io import atomic_write_text
+from lycoris_core.errors import CheckpointError
 
 __all__ = [
     "CONFIG_NAME",
@@ -53,16 +55,34 @@ def _check_rank(where: str, value: Any) -> None:
 def _check_alpha(where: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
+
+
+def _check_type(where: str, value: Any, types: tuple[type, ...], expected: str) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise TypeError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _check_modules(where: str, value: Any) -> Any:
+    """A module selector: ``None``, a regex string, or a collection of names (returned as a set)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.lower() != "all-linear":
+            _compile(where, value)
+        return value
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"{where}: expected a string, a list of strings or None, got {type(value).__name__} {value!r}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{where}: expected strings, got {bad!r}")
+    return set(value)
 
 
 def _check_probability(where: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{where}: expected a probability in [0, 1], got {value!r}")
-
-
-def _as_set(value: Any) -> Any:
-    """PEFT turns list-valued module selectors into sets; strings stay regexes."""
-    return set(value) if isinstance(value, (list, tuple, set, frozenset)) else value
 
 
 @dataclass
@@ -75,6 +95,7 @@ class LycorisConfig:
     """
 
     PEFT_TYPE: ClassVar[str | None] = None
+    _BOOL_FIELDS: ClassVar[tuple[str, ...]] = ("inference_mode", "use_effective_conv2d")
 
     task_type: str | None = None
     peft_type: str | None = None
@@ -110,29 +131,35 @@ class LycorisConfig:
             self.peft_version = PEFT_FORMAT_VERSION
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"{name}.task_type: expected one of {sorted(TASK_TYPES)}, got {self.task_type!r}")
+        for field_name in ("peft_type", "peft_version", "base_model_name_or_path", "revision"):
+            value = getattr(self, field_name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(self, field_name, value)
+            if value is not None:
+                _check_type(f"{name}.{field_name}", value, (str,), "a string or None")
+        for field_name in self._BOOL_FIELDS:
+            _check_type(f"{name}.{field_name}", getattr(self, field_name), (bool,), "true or false")
+        if self.auto_mapping is not None:
+            _check_type(f"{name}.auto_mapping", self.auto_mapping, (dict,), "a JSON object or None")
         _check_rank(f"{name}.r", self.r)
         _check_alpha(f"{name}.alpha", self.alpha)
         _check_probability(f"{name}.rank_dropout", self.rank_dropout)
         _check_probability(f"{name}.module_dropout", self.module_dropout)
         self._check_init_weights()
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, field_name)
+            if value is not None:
+                _check_type(f"{name}.{field_name}", value, (dict,), "a JSON object mapping regexes to values")
+            setattr(self, field_name, dict(value or {}))
         for key, value in self.rank_pattern.items():
             _compile(f"{name}.rank_pattern", key)
             _check_rank(f"{name}.rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _compile(f"{name}.alpha_pattern", key)
             _check_alpha(f"{name}.alpha_pattern[{key!r}]", value)
-        self.target_modules = _as_set(self.target_modules)
-        self.exclude_modules = _as_set(self.exclude_modules)
-        for field_name in ("target_modules", "exclude_modules"):
-            value = getattr(self, field_name)
-            if isinstance(value, str) and value.lower() != "all-linear":
-                _compile(f"{name}.{field_name}", value)
-            elif value is not None and not isinstance(value, str):
-                bad = [v for v in value if not isinstance(v, str)]
-                if bad:
-                    raise TypeError(f"{name}.{field_name}: expected strings, got {bad!r}")
+        self.target_modules = _check_modules(f"{name}.target_modules", self.target_modules)
+        self.exclude_modules = _check_modules(f"{name}.exclude_modules", self.exclude_modules)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
                 f"{name}: when `layers_pattern` is specified, `layers_to_transform` must also be specified."
@@ -143,10 +170,17 @@ class LycorisConfig:
             if not all(_is_int(i) for i in items):
                 raise TypeError(f"{name}.layers_to_transform: expected an int or a list of ints, got {layers!r}")
         if self.layers_pattern is not None:
-            for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern:
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(
+                    f"{name}.layers_pattern: expected a string or a list of strings, got {self.layers_pattern!r}"
+                )
+            for pattern in patterns:
                 _compile(f"{name}.layers_pattern", pattern)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str):
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(m, str) for m in self.modules_to_save
+            ):
                 raise TypeError(
                     f"{name}.modules_to_save: expected a list of module names, got {self.modules_to_save!r}"
                 )
@@ -164,7 +198,9 @@ class LycorisConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (set, frozenset)):
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif isinstance(value, (set, frozenset)):
                 value = sorted(value)
             elif isinstance(value, dict):
                 value = dict(value)
@@ -173,13 +209,20 @@ class LycorisConfig:
 
     def to_json_string(self) -> str:
         """PEFT's layout (``indent=2``, top-level keys sorted). Unlike PEFT, the pattern dicts are
-        *not* re-sorted, so their first-match order survives a save/load (docs/DEVIATIONS.md)."""
+        *not* re-sorted, so their first-match order survives a save/load (docs/DEVIATIONS.md).
+        A field JSON cannot hold is a ``TypeError`` naming it."""
         data = self.to_dict()
-        return json.dumps({k: data[k] for k in sorted(data)}, indent=2) + "\n"
+        try:
+            return json.dumps({k: data[k] for k in sorted(data)}, indent=2, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as err:
+            bad = [k for k in sorted(data) if not _is_json(data[k])]
+            raise TypeError(f"{type(self).__name__}: field(s) {bad} cannot be written as JSON: {err}") from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LycorisConfig:
         """Build ``cls`` from a dict; unknown keys are dropped with one warning naming them."""
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise TypeError(f"{cls.__name__}: expected a JSON object with string keys, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -191,20 +234,39 @@ class LycorisConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` (atomically) into ``save_directory``."""
+        text = self.to_json_string()
         os.makedirs(save_directory, exist_ok=True)
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> LycorisConfig:
-        """Read ``adapter_config.json``; on the base class, dispatch on its ``peft_type``."""
+        """Read ``adapter_config.json``; on the base class, dispatch on its ``peft_type``.
+
+        Anything wrong with the file (missing, not UTF-8 JSON, not an object, a field of the
+        wrong type or value, another ``peft_type``) is a :class:`CheckpointError` naming it.
+        """
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise ValueError(f"{os.fspath(directory)!r}: no {CONFIG_NAME} found")
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        if cls.PEFT_TYPE is None:
-            return config_from_dict(data)
-        return cls.from_dict(data)
+            raise CheckpointError(directory, f"no {CONFIG_NAME} found (not a PEFT adapter directory)")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(path, f"not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(path, f"expected a JSON object, got a JSON {type(data).__name__}")
+        try:
+            return config_from_dict(data) if cls.PEFT_TYPE is None else cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(path, str(err)) from None
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclass
@@ -222,6 +284,7 @@ class LoKrConfig(LycorisConfig):
     """
 
     PEFT_TYPE: ClassVar[str] = "LOKR"
+    _BOOL_FIELDS: ClassVar[tuple[str, ...]] = (*LycorisConfig._BOOL_FIELDS, "decompose_both", "rank_dropout_scale")
 
     init_weights: bool | Literal["lycoris"] = True
     decompose_both: bool = False
@@ -245,9 +308,13 @@ def config_class_for(peft_type: Any) -> type[LycorisConfig]:
     try:
         return _CONFIG_CLASSES[peft_type]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown peft_type {peft_type!r}; expected one of {sorted(_CONFIG_CLASSES)}") from None
+        raise ValueError(
+            f"unknown peft_type {peft_type!r}: only {sorted(_CONFIG_CLASSES)} adapters are supported"
+        ) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> LycorisConfig:
     """Build the config class named by ``data["peft_type"]``."""
+    if not isinstance(data, dict):
+        raise TypeError(f"adapter config: expected a JSON object, got {type(data).__name__}")
     return config_class_for(data.get("peft_type")).from_dict(data)

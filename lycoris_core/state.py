@@ -1,26 +1,143 @@
 """Framework-free bookkeeping shared by the twins' layers and tuners.
 
-Pure functions over names, plans and scaling dicts: which adapters a merge touches, the scale
-helpers, and the check of a checkpoint against planned factor shapes.
+Pure functions over names, plans and scaling dicts: what an adapter may be called, which
+adapters a merge touches, the scale helpers (with their input checks), and the check of a
+checkpoint against planned factor shapes.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from lycoris_core.checkpoint import check_factor_shapes, split_checkpoint_keys
-from lycoris_core.plan import AdapterPlan
+from lycoris_core.plan import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan
 
 __all__ = [
+    "ADAPTER_NAME_RULE",
+    "RESERVED_ADAPTER_NAMES",
     "adapters_to_merge",
+    "check_adapter_name",
     "check_checkpoint",
+    "check_scale",
     "modules_to_save_key",
     "scale_layer",
     "set_scale",
     "unscale_layer",
 ]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+ADAPTER_NAME_RULE = "1 to 64 ASCII letters, digits, '_' or '-', starting with a letter or digit"
+
+#: Names our layers, tuners and checkpoints already give a meaning to (attributes of the twins'
+#: ``LycorisLayer``/``LycorisTuner``/``ModulesToSaveWrapper``, factor names, PEFT's key prefix).
+#: ``tests/core/test_names.py`` checks that it covers every attribute the twins define.
+RESERVED_ADAPTER_NAMES = frozenset(
+    {
+        *LOHA_FACTORS,
+        *LOKR_FACTORS,
+        "active_adapter",
+        "active_adapters",
+        "adapter_layer_names",
+        "adapter_state_dict",
+        "add_adapter",
+        "autocast_adapter_dtype",
+        "base_layer",
+        "base_model",
+        "cast_input_dtype_enabled",
+        "config_cls",
+        "create_adapter_parameters",
+        "delete_adapter",
+        "delta_fn",
+        "deterministic",
+        "disable_adapter",
+        "disable_adapters",
+        "disabled",
+        "enable_adapters",
+        "extra_repr",
+        "factor_device",
+        "factors",
+        "forward",
+        "from_pretrained",
+        "generator",
+        "get_base_layer",
+        "get_delta_weight",
+        "get_nb_trainable_parameters",
+        "kernel",
+        "layer_shape",
+        "layers_mapping",
+        "load_adapter",
+        "merge",
+        "merge_adapter",
+        "merge_and_unload",
+        "merged",
+        "merged_adapters",
+        "model",
+        "module_path",
+        "modules_to_save",
+        "original_module",
+        "peft_config",
+        "plan",
+        "plan_fn",
+        "plans",
+        "prefix",
+        "print_trainable_parameters",
+        "reset_adapter_parameters",
+        "rngs",
+        "save_pretrained",
+        "scale_layer",
+        "scaling",
+        "set_adapter",
+        "set_scale",
+        "trainable_filter",
+        "training",
+        "unload",
+        "unmerge",
+        "unmerge_adapter",
+        "unscale_layer",
+        "update",
+        "update_layer",
+        "weight",
+    }
+)
+
+
+def check_adapter_name(name: Any) -> str:
+    """Return ``name`` if it can name an adapter in both twins, else raise a ``ValueError``/``TypeError``.
+
+    An adapter name becomes a directory name (``save_directory/<name>/``) and a container key in
+    every layer, so it is one safe path component: no separators, no ``.``, nothing that starts
+    with ``_`` or ``-``, and none of :data:`RESERVED_ADAPTER_NAMES`.
+
+    >>> check_adapter_name("style-v2")
+    'style-v2'
+    >>> check_adapter_name("../x")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter name '../x': expected 1 to 64 ASCII letters, digits, '_' or '-', starting with a letter or digit
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"adapter name: expected a string, got {type(name).__name__} {name!r}")
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"adapter name {name!r}: expected {ADAPTER_NAME_RULE}")
+    if name in RESERVED_ADAPTER_NAMES:
+        raise ValueError(f"adapter name {name!r}: reserved (an attribute or factor name of the adapter layers)")
+    return name
+
+
+def check_scale(where: str, value: Any, *, nonzero: bool = False) -> float:
+    """A finite real scale (``bool`` is refused); ``nonzero`` also refuses 0. Returns it as given."""
+    if isinstance(value, bool) or (not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
+        raise TypeError(f"{where}: expected a real number, got {type(value).__name__} {value!r}")
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
+    if nonzero and as_float == 0:
+        raise ValueError(f"{where}: cannot divide the scaling by 0 (use unscale_layer() to reset it to alpha / r)")
+    return value
 
 
 def adapters_to_merge(
@@ -48,6 +165,7 @@ def adapters_to_merge(
 
 def set_scale(scaling: Mapping[str, float], plans: Mapping[str, AdapterPlan], adapter: str, scale: float) -> dict:
     """``scaling[adapter] = scale * alpha / r``; unchanged if ``adapter`` is not in ``plans``."""
+    check_scale("set_scale: scale", scale)
     new = dict(scaling)
     if adapter in plans:
         new[adapter] = scale * plans[adapter].alpha / plans[adapter].r
@@ -56,6 +174,7 @@ def set_scale(scaling: Mapping[str, float], plans: Mapping[str, AdapterPlan], ad
 
 def scale_layer(scaling: Mapping[str, float], active: Collection[str], scale: float) -> dict:
     """Multiply the scaling of the ``active`` adapters present in ``scaling`` by ``scale``."""
+    check_scale("scale_layer: scale", scale)
     if scale == 1:
         return dict(scaling)
     return {k: v * scale if k in active else v for k, v in scaling.items()}
@@ -65,6 +184,8 @@ def unscale_layer(
     scaling: Mapping[str, float], plans: Mapping[str, AdapterPlan], active: Collection[str], scale: float | None
 ) -> dict:
     """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
+    if scale is not None:
+        check_scale("unscale_layer: scale", scale, nonzero=True)
     new = dict(scaling)
     for name in active:
         if name in new:
@@ -73,18 +194,29 @@ def unscale_layer(
 
 
 def check_checkpoint(
-    plans: Mapping[str, AdapterPlan | None], shapes: Mapping[str, tuple[int, ...]], factor_names: Collection[str]
+    plans: Mapping[str, AdapterPlan | None],
+    shapes: Mapping[str, tuple[int, ...]],
+    factor_names: Collection[str],
+    module_names: Collection[str] = (),
 ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """Check checkpoint tensor shapes (``{key: shape}``) against the planned modules.
 
     Every targeted module must have exactly its planned factors with the planned shapes (modules
     planned ``None``, e.g. custom layer types, just need some factors), and no factor may belong
-    to an untargeted module. Returns ``split_checkpoint_keys``'s ``(by_module, other)``.
+    to an untargeted module (``module_names``, the model's modules, tells which of those the model
+    lacks altogether). Returns ``split_checkpoint_keys``'s ``(by_module, other)``.
     """
     by_module, other = split_checkpoint_keys(shapes, factor_names)
     unexpected = sorted(set(by_module) - set(plans))
     if unexpected:
-        raise ValueError(f"checkpoint has adapter weights for modules the config does not target: {unexpected}")
+        absent = [m for m in unexpected if m not in module_names]
+        untargeted = [m for m in unexpected if m in module_names]
+        parts = []
+        if absent:
+            parts.append(f"modules the model does not have: {absent}")
+        if untargeted:
+            parts.append(f"modules the config does not target: {untargeted}")
+        raise ValueError(f"checkpoint has adapter weights for {'; and for '.join(parts)}")
     for key, plan in plans.items():
         found = {name: tuple(shapes[k]) for name, k in by_module.get(key, {}).items()}
         if plan is not None:

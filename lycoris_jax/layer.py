@@ -1,8 +1,9 @@
 """Flax NNX adapter layers: one wrapper per algorithm serving ``nnx.Linear`` and ``nnx.Conv`` (1-D/2-D).
 
 Mirrors ``lycoris_torch.layer``. State is a dict of structs: ``plans[name]`` is the frozen
-``lycoris_core.AdapterPlan`` (static), ``factors[name]`` an ``nnx.Dict`` of :class:`LycorisParam`
-in PEFT's names and PyTorch layouts, ``scaling[name]`` the live scale (a static Python float,
+``lycoris_core.AdapterPlan`` (static), ``factors[name]`` a dict of :class:`LycorisParam`
+in PEFT's names and PyTorch layouts (plain dicts, so any valid adapter name is a key, unlike
+``nnx.Dict`` whose keys are attributes), ``scaling[name]`` the live scale (a static Python float,
 so changing it retraces a jitted function once). The delta branch runs the base layer's own
 forward with ΔW as its kernel (``functional.forward_with_weight``), so merged and unmerged outputs
 agree for every padding mode, stride, dilation and group count.
@@ -22,7 +23,15 @@ from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, pl
 from lycoris_core.bookkeeping import LayerBookkeeping
 from lycoris_jax import functional, loha, lokr
 
-__all__ = ["SUPPORTED_LAYERS", "LoHaLayer", "LoKrLayer", "LycorisLayer", "LycorisParam", "layer_shape_of"]
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "LoHaLayer",
+    "LoKrLayer",
+    "LycorisLayer",
+    "LycorisParam",
+    "layer_shape_of",
+    "require_dropout_stream",
+]
 
 #: Base layer types the built-in adapters wrap.
 SUPPORTED_LAYERS: tuple[type[nnx.Module], ...] = (nnx.Linear, nnx.Conv)
@@ -48,6 +57,16 @@ def layer_shape_of(module: Any, where: str = "") -> LayerShape:
     )
 
 
+def require_dropout_stream(rngs: nnx.Rngs, where: str) -> None:
+    """Rank/module dropout draws keys from ``rngs.dropout()``: refuse an ``nnx.Rngs`` that has
+    neither a ``dropout`` nor a ``default`` stream, naming the place, before it is needed."""
+    if not hasattr(rngs, "dropout"):
+        raise ValueError(
+            f"{where}: rank_dropout/module_dropout need an nnx.Rngs with a 'dropout' (or 'default') stream, "
+            f"got streams {sorted(k for k, _ in nnx.iter_children(rngs))}; e.g. rngs=nnx.Rngs(params=0, dropout=1)"
+        )
+
+
 def _adapter_dtype(kernel_dtype: Any, autocast: bool) -> Any:
     """PEFT's rule: adapters take the base dtype, and fp16/bf16 are autocast to float32."""
     if autocast and kernel_dtype in (jnp.bfloat16, jnp.float16):
@@ -69,11 +88,12 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
 
     adapter_layer_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, base_layer: nnx.Module, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, base_layer: nnx.Module, *, rngs: nnx.Rngs, deterministic: bool = False) -> None:
         self.base_layer = base_layer
-        self.factors = nnx.Dict()
+        self.factors: dict[str, dict[str, LycorisParam]] = nnx.data({})
         self._init_bookkeeping()
-        self.deterministic = False
+        #: ``True`` in eval mode (``model.eval()``); the tuner passes the mode of the model joined.
+        self.deterministic = deterministic
         self.rngs = rngs
 
     # ------------------------------------------------------------------ interface
@@ -129,7 +149,7 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
                 value = functional.kaiming_uniform(self._params_key(), shape, jnp.float32)
                 value = value.astype(round_through).astype(dtype)
             params[name] = LycorisParam(value)
-        self.factors[adapter_name] = nnx.Dict(params)
+        self.factors[adapter_name] = params
 
     def _params_key(self) -> jax.Array:
         try:
@@ -182,7 +202,11 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         p = self.plans[adapter_name].module_dropout
         if self.deterministic or p == 0:
             return True
-        return jax.random.uniform(self.rngs.dropout()) > p
+        return jax.random.uniform(self._dropout_key()) > p
+
+    def _dropout_key(self) -> jax.Array:
+        require_dropout_stream(self.rngs, getattr(self, "module_path", "") or type(self).__name__)
+        return self.rngs.dropout()
 
     def _rank_dropout(self, adapter_name: str, weight: jax.Array, apply: bool, mask: jax.Array | None) -> jax.Array:
         """Rank dropout over ΔW's output rows: an explicit ``mask`` (out,), or a draw when ``apply``."""
@@ -190,7 +214,7 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         if mask is None and not apply:
             return weight
         if mask is None:
-            mask = functional.rank_dropout_keep(self.rngs.dropout(), weight.shape[0], plan.rank_dropout)
+            mask = functional.rank_dropout_keep(self._dropout_key(), weight.shape[0], plan.rank_dropout)
         mask_dtype = jnp.float32 if plan.fp32_dropout_mask else None
         return functional.apply_rank_dropout(weight, mask, rescale=plan.rank_dropout_scale, mask_dtype=mask_dtype)
 
@@ -213,11 +237,12 @@ class _FactorizedLayer(LycorisLayer):
         alpha: float,
         *,
         rngs: nnx.Rngs,
+        deterministic: bool = False,
         autocast_adapter_dtype: bool = True,
         module_path: str = "",
         initialize: bool = True,
     ) -> None:
-        super().__init__(base_layer, rngs=rngs)
+        super().__init__(base_layer, rngs=rngs, deterministic=deterministic)
         self.layer_shape = layer_shape_of(self.get_base_layer(), module_path)
         self.module_path = module_path
         self._active_adapter = [adapter_name]
@@ -264,6 +289,8 @@ class _FactorizedLayer(LycorisLayer):
     ) -> None:
         """Plan and create ``adapter_name``; ``initialize=False`` leaves zeros (values to be loaded)."""
         plan = self.plan(r, alpha, config)
+        if plan.rank_dropout or plan.module_dropout:
+            require_dropout_stream(self.rngs, self.module_path or type(self).__name__)
         self.create_adapter_parameters(
             adapter_name, r, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype, initialize=initialize
         )

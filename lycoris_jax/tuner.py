@@ -16,12 +16,11 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from safetensors.flax import load_file, save_file
+from safetensors.flax import load_file, save
 
 from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig
-from lycoris_core._io import atomic_write
 from lycoris_core.bookkeeping import TunerBookkeeping
-from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam, layer_shape_of
+from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam, layer_shape_of, require_dropout_stream
 
 __all__ = ["LoHaModel", "LoKrModel", "LycorisTuner", "default_rngs"]
 
@@ -144,7 +143,21 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
                 f"modules_to_save={config.modules_to_save}: not supported by the Flax twin yet; "
                 "train those modules with their own optimizer filter"
             )
-        return super()._resolve_targets(config)
+        plans = super()._resolve_targets(config)
+        if any(p is not None and (p.rank_dropout or p.module_dropout) for p in plans.values()):
+            require_dropout_stream(self.rngs, f"{type(self).__name__}")
+        return plans
+
+    def _deterministic(self) -> bool:
+        """The model's mode: eval iff it has modules with a mode and all are in eval mode
+        (``deterministic`` / ``use_running_average`` True, as ``model.eval()`` leaves them)."""
+        modes = [
+            value
+            for module in self._module_table().values()
+            for attr in ("deterministic", "use_running_average")
+            if isinstance(value := getattr(module, attr, None), bool)
+        ]
+        return bool(modes) and all(modes)
 
     def _inject(
         self, adapter_name: str, config: LycorisConfig, plans: dict[str, Any], fill: Callable[[], None] | None
@@ -154,7 +167,9 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         modules = self._modules()
         replaced: list[tuple[Any, Any, nnx.Module]] = []
         updated: list[LycorisLayer] = []
-        extra = {} if fill is None else {"initialize": False}
+        extra = {"deterministic": self._deterministic()}  # new layers join in the model's mode
+        if fill is not None:
+            extra["initialize"] = False
         try:
             for key in plans:
                 path, target = modules[key]
@@ -221,8 +236,12 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         return load_file(path)
 
     @staticmethod
-    def _write_state(path: str, tensors: Mapping[str, jax.Array]) -> None:
-        atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, SAFETENSORS_METADATA))
+    def _serialize_state(tensors: Mapping[str, jax.Array]) -> bytes:
+        return save(dict(tensors), SAFETENSORS_METADATA)
+
+    @staticmethod
+    def _all_finite(tensor: jax.Array) -> bool:
+        return bool(jnp.isfinite(tensor).all())
 
 
 class LoHaModel(LycorisTuner):

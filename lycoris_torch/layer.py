@@ -21,7 +21,7 @@ from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, pl
 from lycoris_core.bookkeeping import LayerBookkeeping
 from lycoris_torch import functional, loha, lokr
 
-__all__ = ["SUPPORTED_LAYERS", "LoHaLayer", "LoKrLayer", "LycorisLayer", "layer_shape_of"]
+__all__ = ["SUPPORTED_LAYERS", "LoHaLayer", "LoKrLayer", "LycorisLayer", "layer_shape_of", "put_module"]
 
 #: Base layer types the built-in adapters wrap, most specific first.
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Conv1d, nn.Linear)
@@ -43,6 +43,13 @@ def layer_shape_of(module: nn.Module, where: str = "") -> LayerShape:
         f"{where or 'target'}: target module of type {type(module).__name__} not supported, "
         f"currently only adapters for {', '.join(t.__name__ for t in SUPPORTED_LAYERS)} are supported"
     )
+
+
+def put_module(container: nn.ModuleDict, key: str, module: nn.Module) -> None:
+    """``container[key] = module`` for every valid adapter name, also those ``nn.ModuleDict``
+    refuses because it has an attribute of that name (``keys``, ``eval``, ``cuda``...), so that both
+    twins accept the same names (``lycoris_core.state.check_adapter_name``)."""
+    container._modules[key] = module
 
 
 def _adapter_dtype(weight: torch.Tensor, autocast: bool) -> torch.dtype:
@@ -72,6 +79,7 @@ class LycorisLayer(LayerBookkeeping, nn.Module, ABC):
         self._init_bookkeeping()
         #: Generator for rank/module dropout; ``None`` uses torch's global one, as PEFT does.
         self.generator: torch.Generator | None = None
+        self.train(base_layer.training)  # join the model in its mode (eval stays eval)
 
     # ------------------------------------------------------------------ interface
     @property
@@ -114,8 +122,12 @@ class LycorisLayer(LayerBookkeeping, nn.Module, ABC):
 
     def _create_factors(self, adapter_name: str, plan: AdapterPlan, device: torch.device | str = "cpu") -> None:
         """Uninitialised float32 factors with the plan's shapes (PEFT creates them on CPU, then moves)."""
-        self.factors[adapter_name] = nn.ParameterDict(
-            {name: nn.Parameter(torch.empty(shape, device=device)) for name, shape, _ in plan.factors}
+        put_module(
+            self.factors,
+            adapter_name,
+            nn.ParameterDict(
+                {name: nn.Parameter(torch.empty(shape, device=device)) for name, shape, _ in plan.factors}
+            ),
         )
 
     def _init_factors(self, adapter_name: str) -> None:

@@ -14,14 +14,13 @@ from typing import Any, ClassVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig, checkpoint_key
-from lycoris_core._io import atomic_write
 from lycoris_core.bookkeeping import TunerBookkeeping
 from lycoris_core.state import modules_to_save_key
-from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer, layer_shape_of
+from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer, layer_shape_of, put_module
 
 __all__ = ["LoHaModel", "LoKrModel", "LycorisTuner", "ModulesToSaveWrapper"]
 
@@ -38,7 +37,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:
-        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        put_module(self.modules_to_save, adapter_name, copy.deepcopy(self.original_module))
         self.modules_to_save[adapter_name].requires_grad_(True)
         if self.active_adapter is None:
             self.active_adapter = adapter_name
@@ -301,9 +300,12 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
             return {key: fh.get_tensor(key) for key in fh.keys()}
 
     @staticmethod
-    def _write_state(path: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, SAFETENSORS_METADATA))
+    def _serialize_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
+        return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, SAFETENSORS_METADATA)
+
+    @staticmethod
+    def _all_finite(tensor: torch.Tensor) -> bool:
+        return bool(torch.isfinite(tensor).all())
 
     # ------------------------------------------------------------------ reporting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

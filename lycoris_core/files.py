@@ -1,0 +1,193 @@
+"""Reading PEFT adapter directories safely, before any framework touches the bytes.
+
+A directory is ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's files). Everything
+here validates and reports; nothing is loaded into a model. The safetensors header is parsed and
+checked in plain Python (length, JSON, dtypes, shapes, offsets covering the data exactly), so a
+truncated file, a lying header or an integer factor is a :class:`CheckpointError` naming the file
+and the key, never a framework traceback. Pickle files are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lycoris_core._io import INCOMPLETE_MARKER
+from lycoris_core.checkpoint import SAFETENSORS_NAME
+from lycoris_core.config import LycorisConfig
+from lycoris_core.errors import CheckpointError
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "AdapterFiles",
+    "TensorInfo",
+    "check_factor_dtypes",
+    "read_adapter_files",
+    "read_safetensors_header",
+    "weights_file",
+]
+
+#: Bytes per element of every safetensors dtype.
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+#: Dtypes a factor may be stored in; values are cast to the factor's own dtype on load (PEFT's rule).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: The safetensors library's own limit on the header.
+MAX_HEADER_BYTES = 100_000_000
+#: Files PEFT may have written that hold pickles; we name them in the error, never open them.
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry: safetensors dtype string and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A validated adapter directory: its config, weights file and the weights' header."""
+
+    config: LycorisConfig
+    weights: str
+    tensors: dict[str, TensorInfo]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate keys {dup}")
+    return dict(pairs)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """``({key: TensorInfo}, metadata)`` of a safetensors file, after checking that the header
+    is well formed and describes the data section exactly (no truncation, holes or overlaps)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(path, f"not a safetensors file: only {size} bytes")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    path, f"header length {n} exceeds the file ({size} bytes): truncated or not a safetensors file"
+                )
+            raw = fh.read(n)
+    except OSError as err:
+        raise CheckpointError(path, f"cannot read: {err.strerror or err}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(path, f"damaged safetensors header (not JSON): {err}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, f"damaged safetensors header: expected a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            path, f"damaged safetensors header: __metadata__ must map strings to strings, got {metadata!r}"
+        )
+    data_len = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in header.items():
+        info, begin, end = _entry(path, key, entry)
+        tensors[key] = info
+        spans.append((begin, end, key))
+    pos = 0
+    for begin, end, key in sorted(spans):
+        if begin != pos:
+            what = "overlaps another tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise CheckpointError(path, f"damaged safetensors header: tensor {key!r} {what}")
+        pos = end
+    if pos != data_len:
+        raise CheckpointError(
+            path,
+            f"the header describes {pos} bytes of tensor data but the file holds {data_len}: "
+            + ("truncated" if data_len < pos else "damaged (trailing bytes)"),
+        )
+    return tensors, metadata
+
+
+def _entry(path: str, key: str, entry: Any) -> tuple[TensorInfo, int, int]:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(path, f"damaged safetensors header: tensor {key!r}: {what}")
+
+    if not isinstance(entry, dict):
+        raise bad(f"expected an object, got {entry!r}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"expected a shape of non-negative integers, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise bad(f"expected data_offsets [begin, end], got {offsets!r}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != nbytes:
+        raise bad(f"{dtype} {tuple(shape)} needs {nbytes} bytes, its data_offsets {offsets} span {end - begin}")
+    return TensorInfo(dtype, tuple(shape)), begin, end
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_factor_dtypes(path: str, tensors: Mapping[str, TensorInfo], keys: Iterable[str]) -> None:
+    """Factors must be stored as floats (F16, BF16, F32, F64); integer, bool and F8 are refused."""
+    bad = {k: tensors[k].dtype for k in keys if tensors[k].dtype not in FLOAT_DTYPES}
+    if bad:
+        raise CheckpointError(path, f"adapter factors must be floating point {list(FLOAT_DTYPES)}, got {bad}")
+
+
+def weights_file(directory: str | os.PathLike) -> str:
+    """The directory's ``adapter_model.safetensors``; a clear error for anything else it may hold."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(directory, "not a directory (expected a PEFT adapter directory)")
+    if os.path.lexists(os.path.join(directory, INCOMPLETE_MARKER)):
+        raise CheckpointError(
+            directory, f"an interrupted save left old and new files mixed ({INCOMPLETE_MARKER}); save the adapter again"
+        )
+    path = os.path.join(directory, SAFETENSORS_NAME)
+    if os.path.isfile(path):
+        return path
+    pickles = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(directory, n))]
+    if pickles:
+        raise CheckpointError(
+            directory,
+            f"only a pickle checkpoint ({pickles[0]}) is here, and pickle files are never loaded (they can run code); "
+            f"convert it once where you trust it (load it with torch and save {SAFETENSORS_NAME} with safetensors)",
+        )
+    raise CheckpointError(directory, f"no {SAFETENSORS_NAME} found (only safetensors files are read)")
+
+
+def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
+    """Validate a PEFT adapter directory: its config, and its weights' header (not the data)."""
+    weights = weights_file(directory)
+    config = LycorisConfig.from_pretrained(directory)
+    tensors, _ = read_safetensors_header(weights)
+    return AdapterFiles(config, weights, tensors)
