@@ -507,6 +507,8 @@ class TunerBookkeeping:
         in one step (``lycoris_core._io.replace_files``); a failure or an interrupt at any point
         leaves the previous checkpoint as it was. Saving nothing is an error.
         """
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise ValueError(f"{os.fspath(save_directory)!r}: exists and is not a directory")
         names = list(self.peft_config) if selected_adapters is None else selected_adapters
         if isinstance(names, str):
             raise TypeError(f"selected_adapters: expected a list of adapter names, got the string {names!r}")

@@ -8,6 +8,7 @@ layout of PEFT checkpoints, on both twins.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ __all__ = [
     "factorization",
     "fan_in",
     "plan_adapter",
+    "plan_from_factors",
     "plan_loha",
     "plan_lokr",
 ]
@@ -224,3 +226,75 @@ def plan_adapter(layer: LayerShape, r: int, alpha: float, config: Any, *, where:
     except KeyError:
         raise ValueError(f"plan_adapter: unknown peft_type {config.peft_type!r}") from None
     return planner(layer, r, alpha, config, where=where)
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _candidate_layers(peft_type: str, f: Mapping[str, tuple[int, ...]]) -> list[LayerShape]:
+    """Layer shapes whose plans could have produced factor shapes ``f`` (missing keys: none)."""
+
+    def conv(out: int, inp: int, kernel: tuple[int, ...]) -> list[LayerShape]:
+        shapes = [LayerShape("conv2d", out, inp, kernel)] if len(kernel) == 2 else []
+        if len(kernel) == 1 or (len(kernel) == 2 and kernel[1] == 1):
+            shapes.append(LayerShape("conv1d", out, inp, kernel[:1]))
+        return shapes
+
+    try:
+        if peft_type == "LOHA":
+            if "hada_t1" in f:
+                return conv(f["hada_w1_a"][1], f["hada_w1_b"][1], tuple(f["hada_t1"][2:]))
+            return [LayerShape("linear", f["hada_w1_a"][0], f["hada_w1_b"][1])]
+        a, c = f["lokr_w1"] if "lokr_w1" in f else (f["lokr_w1_a"][0], f["lokr_w1_b"][1])
+        if "lokr_w2" in f:
+            b, d, *kernel = f["lokr_w2"]
+            kernel = tuple(kernel)
+            return [LayerShape("linear", a * b, c * d)] if not kernel else conv(a * b, c * d, kernel)
+        if "lokr_t2" in f:
+            return conv(a * f["lokr_w2_a"][1], c * f["lokr_w2_b"][1], tuple(f["lokr_t2"][2:]))
+        b, flat = f["lokr_w2_a"][0], f["lokr_w2_b"][1]
+        return [
+            LayerShape("linear", a * b, c * flat) if k == 1 else LayerShape("conv1d", a * b, c * (flat // k), (k,))
+            for k in _divisors(flat)
+        ]
+    except (KeyError, IndexError, ValueError, TypeError):
+        return []
+
+
+def plan_from_factors(
+    peft_type: str, shapes: Mapping[str, tuple[int, ...]], r: int, alpha: float, config: Any, *, where: str = ""
+) -> AdapterPlan:
+    """The plan that produced a checkpoint's factor ``shapes`` for one module, without the model.
+
+    Infers the layer shapes the factors allow (the flattened kernel of a plain conv reads as a
+    Linear or a Conv1d) and keeps the one whose plan under ``config`` (``r``, ``alpha`` already
+    resolved for this module) has exactly these factors; otherwise a ``ValueError`` naming the
+    module, what it holds and what a plan would hold.
+
+    >>> from lycoris_core.config import LoKrConfig
+    >>> plan_from_factors("LOKR", {"lokr_w1": (4, 4), "lokr_w2": (4, 4)}, 8, 8, LoKrConfig()).layer
+    LayerShape(kind='linear', out_features=16, in_features=16, kernel_size=(), groups=1)
+    """
+    names = LOHA_FACTORS if peft_type == "LOHA" else LOKR_FACTORS
+    found = {k: tuple(v) for k, v in shapes.items()}
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: {unknown} are not {peft_type} factors")
+    candidates = _candidate_layers(peft_type, found)
+    plans = []
+    for layer in candidates:
+        try:
+            plans.append(plan_adapter(layer, r, alpha, config, where=where))
+        except ValueError:
+            continue
+    for plan in plans:
+        if plan.factor_shapes == found:
+            return plan
+    if not plans:
+        raise ValueError(f"{where}: factors {found} are not a complete {peft_type} set (missing or mis-shaped factors)")
+    closest = min(plans, key=lambda p: len(set(p.factor_shapes) ^ set(found)))
+    raise ValueError(
+        f"{where}: factors {found} fit no layer under this config (r={r}); a layer of weight shape "
+        f"{closest.weight_shape} would hold {closest.factor_shapes}"
+    )

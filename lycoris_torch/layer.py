@@ -122,13 +122,10 @@ class LycorisLayer(LayerBookkeeping, nn.Module, ABC):
 
     def _create_factors(self, adapter_name: str, plan: AdapterPlan, device: torch.device | str = "cpu") -> None:
         """Uninitialised float32 factors with the plan's shapes (PEFT creates them on CPU, then moves)."""
-        put_module(
-            self.factors,
-            adapter_name,
-            nn.ParameterDict(
-                {name: nn.Parameter(torch.empty(shape, device=device)) for name, shape, _ in plan.factors}
-            ),
+        params = nn.ParameterDict(
+            {name: nn.Parameter(torch.empty(shape, device=device)) for name, shape, _ in plan.factors}
         )
+        put_module(self.factors, adapter_name, params.train(self.training))
 
     def _init_factors(self, adapter_name: str) -> None:
         """Zeros or PyTorch's ``kaiming_uniform_(a=sqrt(5))`` per the plan, in PEFT's RNG order."""

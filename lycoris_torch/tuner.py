@@ -35,6 +35,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.update(adapter_name)
+        self.train(original_module.training)
 
     def update(self, adapter_name: str) -> None:
         put_module(self.modules_to_save, adapter_name, copy.deepcopy(self.original_module))
@@ -86,6 +87,7 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         """
         nn.Module.__init__(self)
         self.model = model
+        self.training = model.training  # the wrapper reports the mode of the model it wraps
         self.peft_config: dict[str, LycorisConfig] = {}
         self.active_adapter: list[str] = [adapter_name]
         self.autocast_adapter_dtype = autocast_adapter_dtype

@@ -1,5 +1,6 @@
 """``python -m parity_tests [--quick] [--out DIR] [-k SUBSTRING]`` runs the parity matrix and writes
-a Markdown + JSON report; ``python -m parity_tests check DIR`` validates an adapter directory."""
+a Markdown + JSON report; ``python -m parity_tests check DIR`` validates an adapter directory and
+compares the frameworks on it (exit 0 agree, 1 disagree, 2 unusable input)."""
 
 from __future__ import annotations
 
@@ -44,17 +45,24 @@ def run_matrix(quick: bool, out: str, keyword: str | None) -> int:
 
 
 def run_check(directory: str) -> int:
+    """Exit 0: every module agrees; 1: some disagree; 2: the directory is unusable (message, no traceback)."""
     from parity_tests.check import check_directory
 
-    results = check_directory(directory)
+    try:
+        report = check_directory(directory)
+    except (ValueError, TypeError, OSError) as err:  # CheckpointError is a ValueError
+        print(f"parity_tests check: unusable input: {err}", file=sys.stderr)
+        return 2
     print(f"{'module':<40} {'ΔW shape':<18} {'scale':>7} {'|ΔW|max':>9} {'jax-torch':>10} {'torch-peft':>10}  ok")
-    for r in results:
+    for r in report.modules:
         peft_err = "n/a" if r.torch_vs_peft is None else f"{r.torch_vs_peft:.1e}"
         print(
             f"{r.module:<40} {r.shape!s:<18} {r.scaling:>7.3g} {r.norm:>9.2e} {r.jax_vs_torch:>10.1e} {peft_err:>10}  {'yes' if r.passed else 'NO'}"
         )
-    bad = [r for r in results if not r.passed]
-    print(f"{len(results)} modules, {len(results) - len(bad)} agree, {len(bad)} disagree")
+    if report.modules_to_save:
+        print(f"not compared (modules_to_save weights, no factors): {report.modules_to_save}")
+    bad = [r for r in report.modules if not r.passed]
+    print(f"{len(report.modules)} modules, {len(report.modules) - len(bad)} agree, {len(bad)} disagree")
     return 1 if bad else 0
 
 
@@ -63,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["check"]:
         parser = argparse.ArgumentParser(
             prog="parity_tests check",
-            description="Rebuild every module's ΔW of a PEFT LoHa/LoKr adapter directory with lycoris_torch, lycoris_jax and PEFT; print agreement.",
+            description="Validate a PEFT LoHa/LoKr adapter directory like a loader, then rebuild every module's ΔW "
+            "with lycoris_torch, lycoris_jax and PEFT and print agreement. Exit 0: agree, 1: disagree, 2: unusable input.",
         )
         parser.add_argument("directory")
         return run_check(parser.parse_args(argv[1:]).directory)

@@ -1,23 +1,30 @@
-"""Validate a PEFT-format LoHa/LoKr adapter directory across frameworks, without a base model.
+"""Validate a PEFT-format LoHa/LoKr adapter directory, then compare frameworks on it, without a base model.
 
-Every module's ΔW is rebuilt from the checkpoint factors with ``lycoris_torch``, ``lycoris_jax``
+The directory is first validated the way a loader does (config, safetensors header, key names,
+factor sets and shapes against the plan the config implies, dtypes, finite values); anything
+wrong there is unusable input (:class:`lycoris_core.errors.CheckpointError`), never a verdict.
+Only then is every module's ΔW rebuilt from its factors with ``lycoris_torch``, ``lycoris_jax``
 and (if installed) PEFT's own functions, in the flattened ``(out, in/groups·K)`` layout that the
-factors determine, and the three are compared.
+factors determine, and the three compared.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, LycorisConfig, resolve_rank_alpha
-from lycoris_core.checkpoint import SAFETENSORS_NAME, split_checkpoint_keys
+from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, resolve_rank_alpha
+from lycoris_core.checkpoint import split_checkpoint_keys
+from lycoris_core.errors import CheckpointError
+from lycoris_core.files import check_factor_dtypes, read_adapter_files
+from lycoris_core.plan import plan_from_factors
+from lycoris_core.state import modules_to_save_key
 
-__all__ = ["ModuleCheck", "check_directory"]
+__all__ = ["CheckReport", "ModuleCheck", "check_directory"]
 
 
 @dataclass
@@ -33,6 +40,18 @@ class ModuleCheck:
     def passed(self) -> bool:
         tol = 2e-6 * max(self.norm, 1e-30)
         return self.jax_vs_torch <= tol and (self.torch_vs_peft is None or self.torch_vs_peft <= tol)
+
+
+@dataclass
+class CheckReport:
+    """Per-module verdicts, and the ``modules_to_save`` keys that hold no factors (not compared)."""
+
+    modules: list[ModuleCheck]
+    modules_to_save: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(m.passed for m in self.modules)
 
 
 def _flat_shape(factors: dict[str, np.ndarray], peft_type: str) -> tuple[int, ...]:
@@ -79,26 +98,49 @@ def _peft_delta(factors: dict[str, Any], scale: float, shape: tuple[int, ...], p
     return make_kron(w1, w2, scale).reshape(shape)
 
 
-def check_directory(directory: str | os.PathLike) -> list[ModuleCheck]:
-    """Per-module agreement of ΔW rebuilt by the twins (and PEFT) from an adapter directory."""
+def _validate(directory: str | os.PathLike) -> tuple[Any, str, dict[str, dict[str, str]], list[str]]:
+    """Loader-grade validation: ``(config, weights path, {module: {factor: key}}, modules_to_save keys)``."""
+    files = read_adapter_files(directory)
+    config, path = files.config, files.weights
+    if config.peft_type not in ("LOHA", "LOKR"):
+        raise CheckpointError(path, f"check supports LOHA and LOKR adapters, got {config.peft_type!r}")
+    names = LOHA_FACTORS if config.peft_type == "LOHA" else LOKR_FACTORS
+    by_module, other = split_checkpoint_keys(files.tensors, names)
+    saved = sorted(k for bare, k in other.items() if modules_to_save_key(config, bare.rpartition(".")[0]))
+    unexpected = sorted(set(other.values()) - set(saved))
+    if unexpected:
+        raise CheckpointError(
+            path, f"keys that are neither {config.peft_type} factors nor modules_to_save weights: {unexpected}"
+        )
+    if not by_module:
+        raise CheckpointError(path, f"no {config.peft_type} factors found")
+    check_factor_dtypes(path, files.tensors, [k for keys in by_module.values() for k in keys.values()])
+    for module, keys in by_module.items():
+        r, alpha = resolve_rank_alpha(config, module)
+        shapes = {name: files.tensors[key].shape for name, key in keys.items()}
+        try:
+            plan_from_factors(config.peft_type, shapes, r, alpha, config, where=module)
+        except ValueError as err:
+            raise CheckpointError(path, str(err)) from None
+    return config, path, by_module, saved
+
+
+def check_directory(directory: str | os.PathLike) -> CheckReport:
+    """Validate an adapter directory (:class:`CheckpointError` if unusable), then report per-module
+    agreement of ΔW rebuilt by the twins (and PEFT) from it."""
     import jax.numpy as jnp
     import torch
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     import lycoris_jax as lj
     import lycoris_torch as lt
 
-    config = LycorisConfig.from_pretrained(directory)
-    if config.peft_type not in ("LOHA", "LOKR"):
-        raise ValueError(f"{os.fspath(directory)!r}: check supports LOHA and LOKR adapters, got {config.peft_type!r}")
-    path = os.path.join(directory, SAFETENSORS_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"{os.fspath(directory)!r}: no {SAFETENSORS_NAME} found (only safetensors files are read)")
-    tensors = {k: v.astype(np.float32) for k, v in load_file(path).items()}
-    names = LOHA_FACTORS if config.peft_type == "LOHA" else LOKR_FACTORS
-    by_module, _ = split_checkpoint_keys(tensors, names)
-    if not by_module:
-        raise ValueError(f"{os.fspath(directory)!r}: no {config.peft_type} factors found in {SAFETENSORS_NAME}")
+    config, path, by_module, saved = _validate(directory)
+    with safe_open(path, framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k).float() for keys in by_module.values() for k in keys.values()}
+    bad = sorted(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(path, f"bad data: non-finite values (NaN or inf) in {bad}")
     try:
         import peft  # noqa: F401
 
@@ -107,13 +149,15 @@ def check_directory(directory: str | os.PathLike) -> list[ModuleCheck]:
         have_peft = False
     results = []
     for module, keys in sorted(by_module.items()):
-        factors = {name: tensors[key] for name, key in keys.items()}
+        tf = {name: tensors[key] for name, key in keys.items()}
+        factors = {name: t.numpy() for name, t in tf.items()}
         r, alpha = resolve_rank_alpha(config, module)
         scale = alpha / r
         shape = _flat_shape(factors, config.peft_type)
         t_mod, j_mod = (lt.loha, lj.loha) if config.peft_type == "LOHA" else (lt.lokr, lj.lokr)
-        tf = {k: torch.from_numpy(v) for k, v in factors.items()}
         dt = t_mod.delta_weight(tf, scale, shape).numpy().astype(np.float64)
+        if not np.isfinite(dt).all():
+            raise CheckpointError(path, f"bad data: {module}: ΔW overflows float32 (inf/NaN) from finite factors")
         dj = np.asarray(j_mod.delta_weight({k: jnp.asarray(v) for k, v in factors.items()}, scale, shape), np.float64)
         dp = _peft_delta(tf, scale, shape, config.peft_type).numpy().astype(np.float64) if have_peft else None
         results.append(
@@ -126,4 +170,4 @@ def check_directory(directory: str | os.PathLike) -> list[ModuleCheck]:
                 float(np.abs(dt).max()),
             )
         )
-    return results
+    return CheckReport(results, saved)
