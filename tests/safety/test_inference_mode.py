@@ -44,7 +44,9 @@ def test_from_pretrained_mode_matches_peft(saved, is_trainable):
     torch.manual_seed(0)
     theirs = peft.PeftModel.from_pretrained(TORCH.model(), saved, is_trainable=is_trainable)
     ours = [twin.lib.LycorisTuner.from_pretrained(twin.model(), saved, is_trainable=is_trainable) for twin in TWINS]
-    counts = [peft_distinct(theirs)] + [distinct(lambda t=t, twin=twin: twin.run(t)) for twin, t in zip(TWINS, ours)]
+    counts = [peft_distinct(theirs)] + [
+        distinct(lambda t=t, twin=twin: twin.run(t)) for twin, t in zip(TWINS, ours, strict=True)
+    ]
     if is_trainable:  # a fresh model is in training mode, and loading trainable keeps it so
         assert min(counts) > 1, counts
         assert ours[0].training and not ours[1].model.layers[0].deterministic
@@ -60,7 +62,9 @@ def test_load_adapter_for_inference_puts_the_model_in_eval_mode_like_peft(saved)
     ours = [twin.lib.LycorisTuner.from_pretrained(twin.model(), saved, is_trainable=True) for twin in TWINS]
     for t in ours:
         t.load_adapter(saved, "other", is_trainable=False)
-    counts = [peft_distinct(theirs)] + [distinct(lambda t=t, twin=twin: twin.run(t)) for twin, t in zip(TWINS, ours)]
+    counts = [peft_distinct(theirs)] + [
+        distinct(lambda t=t, twin=twin: twin.run(t)) for twin, t in zip(TWINS, ours, strict=True)
+    ]
     assert counts == [1, 1, 1], counts
 
 

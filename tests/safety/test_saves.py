@@ -55,7 +55,7 @@ def outputs(twin, d) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assert_old(twin, tmp_path, ckpt) -> None:
-    d, old, old_out, new, _ = ckpt
+    d, old, old_out, _, _ = ckpt
     assert tree_digest(d) == old
     assert sorted(os.listdir(tmp_path)) == ["ckpt"], "a staged copy was left behind"
     for a, b in zip(outputs(twin, d), old_out, strict=True):
