@@ -315,11 +315,12 @@ class TunerBookkeeping:
             )
             self._replace_child(parent, target_name, new)
 
-    def _check_new_adapter(self, adapter_name: str, config: LycorisConfig) -> None:
+    def _check_new_adapter(self, adapter_name: str, config: LycorisConfig | None = None) -> None:
+        """A valid, unused name; a config of our type (when given); no adapter merged into the model."""
         state.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
-        if not isinstance(config, self.config_cls):
+        if config is not None and not isinstance(config, self.config_cls):
             raise TypeError(
                 f"{type(self).__name__}: expected a {self.config_cls.__name__}, got {type(config).__name__}"
             )
@@ -341,8 +342,8 @@ class TunerBookkeeping:
     def _add(self, adapter_name: str, config: LycorisConfig, tensors: Mapping[str, Any] | None) -> None:
         """Validate (name, config, targets, plans, checkpoint ``tensors``), then inject and fill;
         all or nothing. Errors about a :class:`Checkpoint` name its file."""
+        self._check_new_adapter(adapter_name, config)  # about the name and the model, not a file
         try:
-            self._check_new_adapter(adapter_name, config)
             plans = self._resolve_targets(config)
             fill = None
             if tensors is not None:
@@ -577,6 +578,7 @@ class TunerBookkeeping:
         model is put in eval mode (no rank/module dropout). Every error names the file at fault
         and leaves ``model`` untouched.
         """
+        state.check_adapter_name(adapter_name)
         files = read_adapter_files(directory)
         try:
             tuner_cls = cls._tuner_class_for(files.config.peft_type)
@@ -613,6 +615,7 @@ class TunerBookkeeping:
     ) -> None:
         """Add an adapter from a PEFT-format directory (not activated, as in PEFT). With
         ``is_trainable=False`` the model is put in eval mode, as PEFT's ``load_adapter`` does."""
+        self._check_new_adapter(adapter_name)
         files = read_adapter_files(directory)
         config = files.config
         if config.peft_type != self.config_cls.PEFT_TYPE:

@@ -197,8 +197,11 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         other: dict[str, str],
         tensors: Mapping[str, Any],
     ) -> Callable[[], None]:
-        if other:
-            raise ValueError(f"checkpoint keys fit no adapter factor: {sorted(other.values())}")
+        for bare, key in sorted(other.items()):
+            raise ValueError(
+                f"checkpoint key {bare!r} {tuple(tensors[key].shape)}: fits no adapter factor "
+                "(modules_to_save weights are not supported by the Flax twin)"
+            )
 
         def fill() -> None:
             table = self._module_table()

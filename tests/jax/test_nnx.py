@@ -470,7 +470,7 @@ def test_bad_checkpoints_leave_model_untouched(tmp_path):
     with pytest.raises(ValueError, match=r"head: checkpoint factors \[\] do not fit"):
         lj.LycorisTuner.from_pretrained(model, tmp_path)
     save_file(good | {"base_model.model.extra.weight": np.zeros(2, np.float32)}, path)
-    with pytest.raises(ValueError, match="checkpoint keys fit no adapter factor"):
+    with pytest.raises(ValueError, match="fits no adapter factor"):
         lj.LycorisTuner.from_pretrained(model, tmp_path)
     save_file(good, path)
     cfg_path = tmp_path / "adapter_config.json"
