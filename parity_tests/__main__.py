@@ -55,10 +55,17 @@ def run_check(directory: str) -> int:
         return 2
     print(f"{'module':<40} {'ΔW shape':<18} {'scale':>7} {'|ΔW|max':>9} {'jax-torch':>10} {'torch-peft':>10}  ok")
     for r in report.modules:
-        peft_err = "n/a" if r.torch_vs_peft is None else f"{r.torch_vs_peft:.1e}"
+        peft_err = (
+            ("crash" if r.peft_note and "raises" in r.peft_note else "n/a")
+            if r.torch_vs_peft is None
+            else f"{r.torch_vs_peft:.1e}"
+        )
         print(
             f"{r.module:<40} {r.shape!s:<18} {r.scaling:>7.3g} {r.norm:>9.2e} {r.jax_vs_torch:>10.1e} {peft_err:>10}  {'yes' if r.passed else 'NO'}"
         )
+    for r in report.modules:
+        if r.peft_note:
+            print(f"{r.module}: no PEFT comparison: {r.peft_note}")
     if report.modules_to_save:
         print(f"not compared (modules_to_save weights, no factors): {report.modules_to_save}")
     bad = [r for r in report.modules if not r.passed]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, resolve_rank_alpha
+from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, check_target_module_exists, resolve_rank_alpha
 from lycoris_core.checkpoint import split_checkpoint_keys
 from lycoris_core.errors import CheckpointError
 from lycoris_core.files import check_factor_dtypes, read_adapter_files
@@ -35,6 +35,8 @@ class ModuleCheck:
     jax_vs_torch: float
     torch_vs_peft: float | None
     norm: float
+    #: Why there is no PEFT column for this module (not installed, or PEFT's own error).
+    peft_note: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -114,6 +116,11 @@ def _validate(directory: str | os.PathLike) -> tuple[Any, str, dict[str, dict[st
         )
     if not by_module:
         raise CheckpointError(path, f"no {config.peft_type} factors found")
+    targets = config.target_modules
+    if targets is not None and not (isinstance(targets, str) and targets.lower() == "all-linear"):
+        untargeted = sorted(m for m in by_module if not check_target_module_exists(config, m))
+        if untargeted:
+            raise CheckpointError(path, f"factors for modules the config does not target: {untargeted}")
     check_factor_dtypes(path, files.tensors, [k for keys in by_module.values() for k in keys.values()])
     for module, keys in by_module.items():
         r, alpha = resolve_rank_alpha(config, module)
@@ -159,7 +166,12 @@ def check_directory(directory: str | os.PathLike) -> CheckReport:
         if not np.isfinite(dt).all():
             raise CheckpointError(path, f"bad data: {module}: ΔW overflows float32 (inf/NaN) from finite factors")
         dj = np.asarray(j_mod.delta_weight({k: jnp.asarray(v) for k, v in factors.items()}, scale, shape), np.float64)
-        dp = _peft_delta(tf, scale, shape, config.peft_type).numpy().astype(np.float64) if have_peft else None
+        dp, note = None, None if have_peft else "PEFT is not installed"
+        if have_peft:
+            try:
+                dp = _peft_delta(tf, scale, shape, config.peft_type).numpy().astype(np.float64)
+            except RuntimeError as err:  # e.g. docs/DEVIATIONS.md i: PEFT's kron of a rank-1 Tucker w2
+                note = f"PEFT raises {type(err).__name__}: {str(err).splitlines()[0][:80]}"
         results.append(
             ModuleCheck(
                 module,
@@ -168,6 +180,7 @@ def check_directory(directory: str | os.PathLike) -> CheckReport:
                 float(np.abs(dj - dt).max()),
                 None if dp is None else float(np.abs(dt - dp).max()),
                 float(np.abs(dt).max()),
+                note,
             )
         )
     return CheckReport(results, saved)
