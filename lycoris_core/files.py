@@ -25,6 +25,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "AdapterFiles",
     "TensorInfo",
+    "check_directory",
     "check_factor_dtypes",
     "read_adapter_files",
     "read_safetensors_header",
@@ -106,7 +107,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
         raise CheckpointError(path, f"damaged safetensors header (not JSON): {err}") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, f"damaged safetensors header: expected a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(
             path, f"damaged safetensors header: __metadata__ must map strings to strings, got {metadata!r}"
@@ -164,14 +166,19 @@ def check_factor_dtypes(path: str, tensors: Mapping[str, TensorInfo], keys: Iter
         raise CheckpointError(path, f"adapter factors must be floating point {list(FLOAT_DTYPES)}, got {bad}")
 
 
-def weights_file(directory: str | os.PathLike) -> str:
-    """The directory's ``adapter_model.safetensors``; a clear error for anything else it may hold."""
+def check_directory(directory: str | os.PathLike) -> None:
+    """An existing directory that no interrupted in-place save has left half-written."""
     if not os.path.isdir(directory):
         raise CheckpointError(directory, "not a directory (expected a PEFT adapter directory)")
     if os.path.lexists(os.path.join(directory, INCOMPLETE_MARKER)):
         raise CheckpointError(
             directory, f"an interrupted save left old and new files mixed ({INCOMPLETE_MARKER}); save the adapter again"
         )
+
+
+def weights_file(directory: str | os.PathLike) -> str:
+    """The directory's ``adapter_model.safetensors``; a clear error for anything else it may hold."""
+    check_directory(directory)
     path = os.path.join(directory, SAFETENSORS_NAME)
     if os.path.isfile(path):
         return path
@@ -187,7 +194,8 @@ def weights_file(directory: str | os.PathLike) -> str:
 
 def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
     """Validate a PEFT adapter directory: its config, and its weights' header (not the data)."""
-    weights = weights_file(directory)
+    check_directory(directory)
     config = LycorisConfig.from_pretrained(directory)
+    weights = weights_file(directory)
     tensors, _ = read_safetensors_header(weights)
     return AdapterFiles(config, weights, tensors)

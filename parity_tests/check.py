@@ -143,8 +143,11 @@ def check_directory(directory: str | os.PathLike) -> CheckReport:
     import lycoris_torch as lt
 
     config, path, by_module, saved = _validate(directory)
-    with safe_open(path, framework="pt") as fh:
-        tensors = {k: fh.get_tensor(k).float() for keys in by_module.values() for k in keys.values()}
+    try:
+        with safe_open(path, framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k).float() for keys in by_module.values() for k in keys.values()}
+    except Exception as err:  # the reader's own checks, whatever it raises
+        raise CheckpointError(path, f"cannot read tensors: {type(err).__name__}: {err}") from None
     bad = sorted(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
     if bad:
         raise CheckpointError(path, f"bad data: non-finite values (NaN or inf) in {bad}")
