@@ -21,6 +21,7 @@ from lycoris_core.config import (
     config_class_for,
     config_from_dict,
 )
+from lycoris_core.errors import CheckpointError
 from lycoris_core.plan import (
     LOHA_FACTORS,
     LOKR_FACTORS,
@@ -29,9 +30,11 @@ from lycoris_core.plan import (
     factorization,
     fan_in,
     plan_adapter,
+    plan_from_factors,
     plan_loha,
     plan_lokr,
 )
+from lycoris_core.state import check_adapter_name
 from lycoris_core.targets import (
     NoMatchingModuleError,
     TargetMatch,
@@ -50,12 +53,14 @@ __all__ = [
     "SAFETENSORS_METADATA",
     "SAFETENSORS_NAME",
     "AdapterPlan",
+    "CheckpointError",
     "LayerShape",
     "LoHaConfig",
     "LoKrConfig",
     "LycorisConfig",
     "NoMatchingModuleError",
     "TargetMatch",
+    "check_adapter_name",
     "check_factor_shapes",
     "check_target_module_exists",
     "checkpoint_key",
@@ -66,6 +71,7 @@ __all__ = [
     "get_pattern_key",
     "match_targets",
     "plan_adapter",
+    "plan_from_factors",
     "plan_loha",
     "plan_lokr",
     "resolve_rank_alpha",

@@ -8,12 +8,13 @@
 ['base_model.model.layers.0.lokr_w1', 'base_model.model.layers.0.lokr_w2']
 """
 
-from lycoris_core import LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
+from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
 from lycoris_jax import functional, loha, lokr
 from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam
 from lycoris_jax.tuner import LoHaModel, LoKrModel, LycorisTuner, default_rngs
 
 __all__ = [
+    "CheckpointError",
     "LoHaConfig",
     "LoHaLayer",
     "LoHaModel",

@@ -7,12 +7,13 @@
 ['base_model.model.0.lokr_w1', 'base_model.model.0.lokr_w2']
 """
 
-from lycoris_core import LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
+from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
 from lycoris_torch import functional, loha, lokr
 from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer
 from lycoris_torch.tuner import LoHaModel, LoKrModel, LycorisTuner, ModulesToSaveWrapper
 
 __all__ = [
+    "CheckpointError",
     "LoHaConfig",
     "LoHaLayer",
     "LoHaModel",
