@@ -258,6 +258,7 @@ def load(twin, d):
         return "error", type(err).__name__
 
 
+@pytest.mark.filterwarnings("ignore:.*ignoring unknown config keys")
 def test_fuzzed_checkpoints_give_clean_errors_or_correct_loads(seeds, tmp_path, capsys):
     rng = np.random.default_rng(SEED)
     outcomes: collections.Counter[str] = collections.Counter()

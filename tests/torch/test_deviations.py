@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 from peft.tuners.loha.layer import HadaWeightCP
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lycoris_torch as lt
@@ -237,3 +238,33 @@ def test_i_lokr_conv1d_tucker_at_rank_1_works_where_peft_crashes():
     expected = (torch.kron(f["lokr_w1"][:, :, None, None], w2) * ours.model.layer.scaling["default"]).reshape(20, 12, 3)
     torch.testing.assert_close(ours.model.layer.get_delta_weight("default"), expected)
     assert ours(x).shape == (2, 20, 9)
+
+
+def test_m_an_adapter_name_cannot_write_outside_the_save_directory(tmp_path):
+    outside = tmp_path / "outside"
+    kw = dict(r=2, target_modules=["a"], init_weights=False)
+    theirs = peft.get_peft_model(Pair(), peft.LoKrConfig(**kw))
+    theirs.add_adapter(str(outside), peft.LoKrConfig(**kw))
+    theirs.save_pretrained(str(tmp_path / "save"))
+    assert (outside / "adapter_model.safetensors").exists()  # PEFT: os.path.join(save_dir, "/abs") == "/abs"
+    ours = lt.LoKrModel(Pair(), lt.LoKrConfig(**kw))
+    with pytest.raises(ValueError, match="adapter name '/.*': expected 1 to 64 ASCII letters"):
+        ours.add_adapter(str(tmp_path / "outside2"), lt.LoKrConfig(**kw))
+    with pytest.raises(KeyError, match="attribute 'keys' already exists"):  # PEFT refuses this one, by accident
+        peft.get_peft_model(Pair(), peft.LoKrConfig(**kw)).add_adapter("keys", peft.LoKrConfig(**kw))
+    ours.add_adapter("keys", lt.LoKrConfig(**kw))  # ours: any name of the rule, in both twins
+
+
+def test_n_non_finite_factors_are_refused_on_load_unless_asked_for(tmp_path):
+    kw = dict(r=2, target_modules=["a"], init_weights=False)
+    lt.LoKrModel(Pair(), lt.LoKrConfig(**kw)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.a.lokr_w1"][0, 0] = float("nan")
+    save_file(tensors, path, {"format": "pt"})
+    theirs = peft.PeftModel.from_pretrained(Pair(), str(tmp_path))
+    assert torch.isnan(theirs(torch.randn(2, 6))).any()  # PEFT: loads silently, every output NaN
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) in \['base_model.model.a.lokr_w1'\]"):
+        lt.LycorisTuner.from_pretrained(Pair(), tmp_path)
+    ours = lt.LycorisTuner.from_pretrained(Pair(), tmp_path, allow_nonfinite=True)
+    assert torch.isnan(ours(torch.randn(2, 6))).any()
