@@ -78,38 +78,70 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def replace_files(directory: str | os.PathLike, files: Mapping[str, bytes]) -> None:
     """Make ``directory`` hold ``files`` (``{relative path: bytes}``, subdirectories allowed) in one
     step, keeping everything else it holds. On any error or interrupt before the swap, the
-    directory is exactly as it was and the staged copy is removed."""
+    directory is exactly as it was and the staged copy is removed. Not for concurrent writers."""
     directory = os.path.realpath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(errno.ENOTDIR, "expected a directory to save into", directory)
     parent, base = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
+    if not _swappable(directory, files):
+        return _replace_in_place(directory, files)
     try:
-        staged = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+        staged = _new_sibling(parent, f".{base}.saving-")
     except PermissionError:
         return _replace_in_place(directory, files)
-    swapped = False
+    old = f"{staged}.old"
     try:
         try:
             _stage(directory, files, staged)
-        except OSError as err:
-            if err.errno not in _CANNOT_SWAP:
-                raise
+            _swap(staged, directory, old)
+        except shutil.Error:  # copytree collects failed hard links (e.g. a filesystem without them)
             shutil.rmtree(staged, ignore_errors=True)
             return _replace_in_place(directory, files)
-        try:
-            swapped = _swap(staged, directory)
         except OSError as err:
             if err.errno not in _CANNOT_SWAP:
                 raise
             shutil.rmtree(staged, ignore_errors=True)
             return _replace_in_place(directory, files)
     finally:
-        # After the swap ``staged`` holds the previous tree (or nothing); before it, the new one.
+        # Before the swap ``staged`` holds the new tree, after an exchange the previous one; ``old``
+        # holds the previous tree after two renames, and is kept if restoring it failed.
         if os.path.isdir(staged):
             shutil.rmtree(staged, ignore_errors=True)
-    if swapped:
-        _fsync(parent)
+        if os.path.isdir(old) and os.path.isdir(directory):
+            shutil.rmtree(old, ignore_errors=True)
+    _fsync(parent)
+
+
+def _swappable(directory: str, files: Mapping[str, bytes]) -> bool:
+    """Whether the directory may be replaced by a new one: not a mount point, not this process's
+    working directory (or above it), no symlinked subdirectory on the way to a file we write."""
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except FileNotFoundError:
+        cwd = None
+    if cwd is not None and os.path.commonpath([cwd, directory]) == directory:
+        return False
+    if not os.path.isdir(directory):
+        return True
+    if os.stat(directory).st_dev != os.stat(os.path.dirname(directory)).st_dev:
+        return False
+    for rel in files:
+        parts = os.path.normpath(rel).split(os.sep)[:-1]
+        if any(os.path.islink(os.path.join(directory, *parts[: i + 1])) for i in range(len(parts))):
+            return False
+    return True
+
+
+def _new_sibling(parent: str, prefix: str) -> str:
+    """A new empty directory in ``parent`` with the permissions ``os.makedirs`` would give it."""
+    while True:
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o777)  # the umask applies, as for the directory it will become
+            return path
+        except FileExistsError:
+            continue
 
 
 def _stage(directory: str, files: Mapping[str, bytes], staged: str) -> None:
@@ -122,6 +154,9 @@ def _stage(directory: str, files: Mapping[str, bytes], staged: str) -> None:
     for rel, data in files.items():
         path = os.path.join(staged, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        sub_marker = os.path.join(os.path.dirname(path), INCOMPLETE_MARKER)
+        if os.path.lexists(sub_marker):
+            os.remove(sub_marker)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         elif os.path.lexists(path):
@@ -131,22 +166,19 @@ def _stage(directory: str, files: Mapping[str, bytes], staged: str) -> None:
         _fsync(root)
 
 
-def _swap(staged: str, directory: str) -> bool:
+def _swap(staged: str, directory: str, old: str) -> None:
     """Put the staged tree at ``directory``; the previous tree (if any) ends up at ``staged``."""
     if not os.path.lexists(directory):
         os.rename(staged, directory)
-        return True
+        return
     if _exchange(staged, directory):
-        return True
-    old = f"{staged}.old"
+        return
     os.rename(directory, old)
     try:
         os.rename(staged, directory)
     except BaseException:
         os.rename(old, directory)
         raise
-    os.rename(old, staged)
-    return True
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -175,11 +207,13 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def _replace_in_place(directory: str, files: Mapping[str, bytes]) -> None:
-    """Write every file beside its target, then rename them all under ``INCOMPLETE_MARKER``."""
+    """Write every file beside its target, then rename them all, each directory touched carrying
+    ``INCOMPLETE_MARKER`` meanwhile (a hard crash leaves it there, and loaders refuse it)."""
     os.makedirs(directory, exist_ok=True)
     token = os.urandom(4).hex()
     pending: list[tuple[str, str]] = []
-    marker = os.path.join(directory, INCOMPLETE_MARKER)
+    touched = sorted({os.path.dirname(os.path.join(directory, rel)) for rel in files})
+    markers: list[str] = []
     try:
         for rel, data in files.items():
             path = os.path.join(directory, rel)
@@ -187,15 +221,19 @@ def _replace_in_place(directory: str, files: Mapping[str, bytes]) -> None:
             tmp = f"{path}.tmp-{token}"
             _write_new(tmp, data)
             pending.append((tmp, path))
-        for d in {os.path.dirname(p) for _, p in pending}:
+        for d in touched:
+            marker = os.path.join(d, INCOMPLETE_MARKER)
+            with contextlib.suppress(FileExistsError):
+                _write_new(marker, b"an interrupted save left this directory with a mix of old and new files\n")
+            markers.append(marker)
             _fsync(d)
-        with contextlib.suppress(FileExistsError):
-            _write_new(marker, b"an interrupted save left this directory with a mix of old and new files\n")
-        _fsync(directory)
     except BaseException:
         for tmp, _ in pending:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+        for marker in markers:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
         raise
     done = 0
     try:
@@ -203,7 +241,7 @@ def _replace_in_place(directory: str, files: Mapping[str, bytes]) -> None:
             os.replace(tmp, path)
             done += 1
     except BaseException:
-        # An interrupt mid-way: finish the (fast, local) renames; the marker stays if one fails.
+        # An interrupt mid-way: finish the (fast, local) renames; the markers stay if one fails.
         complete = True
         for tmp, path in pending[done:]:
             try:
@@ -213,13 +251,15 @@ def _replace_in_place(directory: str, files: Mapping[str, bytes]) -> None:
             except OSError:
                 complete = False
         if complete:
-            _finish_in_place(directory, pending, marker)
+            _finish_in_place(touched, markers)
         raise
-    _finish_in_place(directory, pending, marker)
+    _finish_in_place(touched, markers)
 
 
-def _finish_in_place(directory: str, renamed: list[tuple[str, str]], marker: str) -> None:
-    for d in {directory, *(os.path.dirname(path) for _, path in renamed)}:
+def _finish_in_place(touched: list[str], markers: list[str]) -> None:
+    for d in touched:
         _fsync(d)
-    os.remove(marker)
-    _fsync(directory)
+    for marker in markers:
+        os.remove(marker)
+    for d in touched:
+        _fsync(d)

@@ -132,23 +132,31 @@ class LayerBookkeeping:
                 "call unmerge_adapter() first"
             )
 
+    def _rescaled(self, operation: str, *args: Any) -> dict[str, float]:
+        """The scaling after ``operation`` (``"set_scale"``, ``"scale_layer"``, ``"unscale_layer"``),
+        not yet applied: the scale, the result and the merged adapters are checked first."""
+        if operation == "set_scale":
+            adapter, scale = args
+            new, touched = state.set_scale(self.scaling, self.plans, adapter, scale), [adapter]
+        elif operation == "scale_layer":
+            new, touched = state.scale_layer(self.scaling, self.active_adapters, *args), self.active_adapters
+        else:
+            new = state.unscale_layer(self.scaling, self.plans, self.active_adapters, *args)
+            touched = self.active_adapters
+        self._check_unmerged(operation, touched)
+        return new
+
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale * alpha / r``; no-op for an adapter this layer does not hold."""
-        new = state.set_scale(self.scaling, self.plans, adapter, scale)
-        self._check_unmerged("set_scale", [adapter])
-        self.scaling = new
+        self.scaling = self._rescaled("set_scale", adapter, scale)
 
     def scale_layer(self, scale: float) -> None:
         """Multiply the scaling of every active adapter by ``scale``."""
-        new = state.scale_layer(self.scaling, self.active_adapters, scale)
-        self._check_unmerged("scale_layer", self.active_adapters)
-        self.scaling = new
+        self.scaling = self._rescaled("scale_layer", scale)
 
     def unscale_layer(self, scale: float | None = None) -> None:
         """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
-        new = state.unscale_layer(self.scaling, self.plans, self.active_adapters, scale)
-        self._check_unmerged("unscale_layer", self.active_adapters)
-        self.scaling = new
+        self.scaling = self._rescaled("unscale_layer", scale)
 
     def _cast_input_dtype(self, x: Any, dtype: Any) -> Any:
         if x is None or not self.cast_input_dtype_enabled or x.dtype == dtype:
@@ -343,20 +351,23 @@ class TunerBookkeeping:
         """Validate (name, config, targets, plans, checkpoint ``tensors``), then inject and fill;
         all or nothing. Errors about a :class:`Checkpoint` name its file."""
         self._check_new_adapter(adapter_name, config)  # about the name and the model, not a file
+        path = getattr(tensors, "path", None)
         try:
             plans = self._resolve_targets(config)
-            fill = None
-            if tensors is not None:
+        except NoMatchingModuleError as err:
+            if path is None:
+                raise
+            raise NoMatchingModuleError(f"{os.path.dirname(path)}: the adapter's config: {err}") from None
+        fill = None
+        if tensors is not None:
+            try:
                 shapes = {k: tuple(v.shape) for k, v in tensors.items()}
                 by_module, other = state.check_checkpoint(plans, shapes, self._factor_names(), self._module_table())
                 fill = self._fill(adapter_name, config, by_module, other, tensors)
-        except (TypeError, ValueError) as err:
-            path = getattr(tensors, "path", None)
-            if path is None or isinstance(err, CheckpointError):
-                raise
-            if isinstance(err, NoMatchingModuleError):
-                raise NoMatchingModuleError(f"{path}: {err}") from None
-            raise CheckpointError(path, str(err)) from None
+            except ValueError as err:  # the checkpoint does not fit this model
+                if path is None or isinstance(err, CheckpointError):
+                    raise
+                raise CheckpointError(path, str(err)) from None
         self._inject(adapter_name, copy.deepcopy(config), plans, fill)
         self.set_adapter(adapter_name if len(self.peft_config) == 1 else self.active_adapter)
 
@@ -456,31 +467,27 @@ class TunerBookkeeping:
         self.active_adapter = []
         return self.model
 
-    def _scale_all(self, operation: str, names: Callable[[Any], Sequence[str]], apply: Callable[[Any], None]) -> None:
-        """Check every layer (scale value, merged adapters), then apply to all: all or nothing."""
-        layers = [layer for _, layer in self._lycoris_layers()]
-        for layer in layers:
-            layer._check_unmerged(operation, names(layer))
-        for layer in layers:
-            apply(layer)
+    def _rescale_all(self, operation: str, *args: Any) -> None:
+        """Compute and check every layer's new scaling, then apply them all: all or nothing."""
+        staged = [(layer, layer._rescaled(operation, *args)) for _, layer in self._lycoris_layers()]
+        for layer, scaling in staged:
+            layer.scaling = scaling
 
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale * alpha / r`` for ``adapter`` in every layer (refused while it is merged)."""
         if adapter not in self.peft_config:
             raise ValueError(f"Adapter {adapter!r} does not exist; available: {sorted(self.peft_config)}")
-        state.check_scale("set_scale: scale", scale)
-        self._scale_all("set_scale", lambda _: [adapter], lambda layer: layer.set_scale(adapter, scale))
+        self._rescale_all("set_scale", adapter, state.check_scale("set_scale: scale", scale))
 
     def scale_layer(self, scale: float) -> None:
         """Multiply the scaling of the active adapters in every layer (refused while merged)."""
-        state.check_scale("scale_layer: scale", scale)
-        self._scale_all("scale_layer", lambda layer: layer.active_adapters, lambda layer: layer.scale_layer(scale))
+        self._rescale_all("scale_layer", state.check_scale("scale_layer: scale", scale))
 
     def unscale_layer(self, scale: float | None = None) -> None:
         """Divide the active adapters' scaling by ``scale`` (non-zero), or reset it to ``alpha / r``."""
         if scale is not None:
-            state.check_scale("unscale_layer: scale", scale, nonzero=True)
-        self._scale_all("unscale_layer", lambda layer: layer.active_adapters, lambda layer: layer.unscale_layer(scale))
+            scale = state.check_scale("unscale_layer: scale", scale, nonzero=True)
+        self._rescale_all("unscale_layer", scale)
 
     # ------------------------------------------------------------------ files
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, Any]:

@@ -251,8 +251,8 @@ class LycorisConfig:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(path, f"not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # JSON, UTF-8, nesting, huge integers
+            raise CheckpointError(path, f"not valid JSON: {type(err).__name__}: {err}") from None
         if not isinstance(data, dict):
             raise CheckpointError(path, f"expected a JSON object, got a JSON {type(data).__name__}")
         try:

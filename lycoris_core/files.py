@@ -39,6 +39,9 @@ DTYPE_SIZES = {
     "I8": 1,
     "F8_E5M2": 1,
     "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
     "I16": 2,
     "U16": 2,
     "F16": 2,
@@ -49,7 +52,10 @@ DTYPE_SIZES = {
     "I64": 8,
     "U64": 8,
     "F64": 8,
+    "C64": 8,
 }
+#: More dimensions than any tensor we read has; bounds the work a hostile header can ask for.
+MAX_DIMS = 16
 #: Dtypes a factor may be stored in; values are cast to the factor's own dtype on load (PEFT's rule).
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 #: The safetensors library's own limit on the header.
@@ -76,11 +82,12 @@ class AdapterFiles:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
         raise ValueError(f"duplicate keys {dup}")
-    return dict(pairs)
+    return out
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -103,8 +110,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
         raise CheckpointError(path, f"cannot read: {err.strerror or err}") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(path, f"damaged safetensors header (not JSON): {err}") from None
+    except (ValueError, RecursionError) as err:  # JSON, UTF-8, duplicate keys, nesting, huge integers
+        raise CheckpointError(path, f"damaged safetensors header (not JSON): {type(err).__name__}: {err}") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, f"damaged safetensors header: expected a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None)
@@ -142,16 +149,17 @@ def _entry(path: str, key: str, entry: Any) -> tuple[TensorInfo, int, int]:
     if not isinstance(entry, dict):
         raise bad(f"expected an object, got {entry!r}")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise bad(f"unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise bad(f"expected a shape of non-negative integers, got {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise bad(f"unknown dtype {str(dtype)[:40]!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
+        raise bad(f"expected a shape of at most {MAX_DIMS} non-negative integers, got {str(shape)[:80]}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-        raise bad(f"expected data_offsets [begin, end], got {offsets!r}")
+        raise bad(f"expected data_offsets [begin, end], got {str(offsets)[:80]}")
     begin, end = offsets
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != nbytes:
-        raise bad(f"{dtype} {tuple(shape)} needs {nbytes} bytes, its data_offsets {offsets} span {end - begin}")
+        needs = f"{nbytes} bytes" if nbytes < 2**63 else "more bytes than any file holds"
+        raise bad(f"{dtype} {tuple(shape)} needs {needs}, its data_offsets {offsets} span {end - begin}")
     return TensorInfo(dtype, tuple(shape)), begin, end
 
 

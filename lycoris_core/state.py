@@ -129,7 +129,7 @@ def check_adapter_name(name: Any) -> str:
 
 
 def check_scale(where: str, value: Any, *, nonzero: bool = False) -> float:
-    """A finite real scale (``bool`` is refused); ``nonzero`` also refuses 0. Returns it as given."""
+    """A finite real scale (``bool`` is refused); ``nonzero`` also refuses 0. Returns it as a float."""
     if isinstance(value, bool) or (not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
         raise TypeError(f"{where}: expected a real number, got {type(value).__name__} {value!r}")
     as_float = float(value)
@@ -137,7 +137,15 @@ def check_scale(where: str, value: Any, *, nonzero: bool = False) -> float:
         raise ValueError(f"{where}: expected a finite number, got {value!r}")
     if nonzero and as_float == 0:
         raise ValueError(f"{where}: cannot divide the scaling by 0 (use unscale_layer() to reset it to alpha / r)")
-    return value
+    return as_float
+
+
+def _finite_scaling(where: str, old: Mapping[str, float], new: dict) -> dict:
+    """``new`` if every scaling it changes is finite (``set_scale(1e308)`` overflows), else a ``ValueError``."""
+    bad = {k: v for k, v in new.items() if v != old.get(k) and not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"{where}: the resulting scaling {bad} is not finite")
+    return new
 
 
 def adapters_to_merge(
@@ -165,19 +173,19 @@ def adapters_to_merge(
 
 def set_scale(scaling: Mapping[str, float], plans: Mapping[str, AdapterPlan], adapter: str, scale: float) -> dict:
     """``scaling[adapter] = scale * alpha / r``; unchanged if ``adapter`` is not in ``plans``."""
-    check_scale("set_scale: scale", scale)
+    scale = check_scale("set_scale: scale", scale)
     new = dict(scaling)
     if adapter in plans:
         new[adapter] = scale * plans[adapter].alpha / plans[adapter].r
-    return new
+    return _finite_scaling("set_scale", scaling, new)
 
 
 def scale_layer(scaling: Mapping[str, float], active: Collection[str], scale: float) -> dict:
     """Multiply the scaling of the ``active`` adapters present in ``scaling`` by ``scale``."""
-    check_scale("scale_layer: scale", scale)
+    scale = check_scale("scale_layer: scale", scale)
     if scale == 1:
         return dict(scaling)
-    return {k: v * scale if k in active else v for k, v in scaling.items()}
+    return _finite_scaling("scale_layer", scaling, {k: v * scale if k in active else v for k, v in scaling.items()})
 
 
 def unscale_layer(
@@ -185,12 +193,12 @@ def unscale_layer(
 ) -> dict:
     """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
     if scale is not None:
-        check_scale("unscale_layer: scale", scale, nonzero=True)
+        scale = check_scale("unscale_layer: scale", scale, nonzero=True)
     new = dict(scaling)
     for name in active:
         if name in new:
             new[name] = plans[name].alpha / plans[name].r if scale is None else new[name] / scale
-    return new
+    return _finite_scaling("unscale_layer", scaling, new)
 
 
 def check_checkpoint(

@@ -100,6 +100,12 @@ def _peft_delta(factors: dict[str, Any], scale: float, shape: tuple[int, ...], p
     return make_kron(w1, w2, scale).reshape(shape)
 
 
+def _in_modules_to_save(config: Any, bare_key: str) -> bool:
+    """Whether a key's module (or a module above it: ``classifier.dense.weight``) is in ``modules_to_save``."""
+    parts = bare_key.split(".")
+    return any(modules_to_save_key(config, ".".join(parts[:i])) for i in range(1, len(parts)))
+
+
 def _validate(directory: str | os.PathLike) -> tuple[Any, str, dict[str, dict[str, str]], list[str]]:
     """Loader-grade validation: ``(config, weights path, {module: {factor: key}}, modules_to_save keys)``."""
     files = read_adapter_files(directory)
@@ -108,7 +114,7 @@ def _validate(directory: str | os.PathLike) -> tuple[Any, str, dict[str, dict[st
         raise CheckpointError(path, f"check supports LOHA and LOKR adapters, got {config.peft_type!r}")
     names = LOHA_FACTORS if config.peft_type == "LOHA" else LOKR_FACTORS
     by_module, other = split_checkpoint_keys(files.tensors, names)
-    saved = sorted(k for bare, k in other.items() if modules_to_save_key(config, bare.rpartition(".")[0]))
+    saved = sorted(k for bare, k in other.items() if _in_modules_to_save(config, bare))
     unexpected = sorted(set(other.values()) - set(saved))
     if unexpected:
         raise CheckpointError(

@@ -174,3 +174,20 @@ def test_loha_cp_and_conv_directories_validate(tmp_path, capsys):
 def test_jax_saved_directories_check_too(tmp_path):
     JAX.tuner(config=JAX.loha()).save_pretrained(tmp_path)
     assert main(["check", str(tmp_path)]) == 0
+
+
+def test_nested_modules_to_save_weights_are_listed(tmp_path, capsys):
+    """``classifier.dense.weight`` belongs to ``modules_to_save=["classifier"]`` (RoBERTa-style heads)."""
+    import torch
+
+    from lycoris_torch import LoKrConfig, LoKrModel
+
+    model = torch.nn.Sequential()
+    model.body = torch.nn.Linear(8, 8)
+    model.classifier = torch.nn.Sequential()
+    model.classifier.dense = torch.nn.Linear(8, 8)
+    model.classifier.out_proj = torch.nn.Linear(8, 2)
+    cfg = LoKrConfig(r=2, target_modules=["body"], modules_to_save=["classifier"], init_weights=False)
+    LoKrModel(model, cfg).save_pretrained(tmp_path)
+    assert main(["check", str(tmp_path)]) == 0, capsys.readouterr().err
+    assert "base_model.model.classifier.dense.weight" in capsys.readouterr().out

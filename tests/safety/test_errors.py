@@ -126,11 +126,19 @@ FILE_CASES = [
         _set("rank_dropout", 1.5),
         r"LoKrConfig.rank_dropout: expected a probability in \[0, 1\], got 1.5",
     ),
+    FileCase(
+        "config-deep-nesting",
+        _text("[" * 100_000 + "]" * 100_000),
+        "adapter_config.json: not valid JSON: RecursionError",
+    ),
+    FileCase(
+        "config-huge-integer", _text('{"r": ' + "9" * 5000 + "}"), "adapter_config.json: not valid JSON: ValueError"
+    ),
     FileCase("config-bad-regex", _set("target_modules", "("), "LoKrConfig.target_modules: invalid regular expression"),
     FileCase(
         "config-targets-nothing",
         _set("target_modules", ["nope"]),
-        r"adapter_model.safetensors: Target modules \['nope'\] not found",
+        r"adapter: the adapter's config: Target modules \['nope'\] not found",
         NoMatchingModuleError,
     ),
     FileCase("weights-missing", lambda d: (d / SAFETENSORS_NAME).unlink(), "no adapter_model.safetensors found"),
@@ -177,6 +185,26 @@ FILE_CASES = [
         "weights-unknown-dtype",
         _entry(W1, "dtype", "F99"),
         "tensor 'base_model.model.head.lokr_w1': unknown dtype 'F99'",
+    ),
+    FileCase(
+        "weights-header-deep-nesting",
+        _header(lambda h, data: (b"[" * 100_000 + b"]" * 100_000, data)),
+        r"damaged safetensors header \(not JSON\): RecursionError",
+    ),
+    FileCase(
+        "weights-dtype-not-string",
+        _entry(W1, "dtype", ["F32"]),
+        r"tensor 'base_model.model.head.lokr_w1': unknown dtype",
+    ),
+    FileCase(
+        "weights-too-many-dims",
+        _entry(W1, "shape", [2**60] * 300),
+        r"tensor 'base_model.model.head.lokr_w1': expected a shape of at most 16 non-negative integers",
+    ),
+    FileCase(
+        "weights-shape-overflows",
+        _entry(W1, "shape", [2**60] * 16),
+        r"needs more bytes than any file holds",
     ),
     FileCase("weights-shape-lies", _entry(W1, "shape", [4, 4]), r"F32 \(4, 4\) needs 64 bytes, its data_offsets"),
     FileCase(
@@ -372,6 +400,12 @@ CALL_CASES = [
         ValueError,
         "scale_layer: scale: expected a finite number",
     ),
+    CallCase(
+        "scale-overflow",
+        lambda tw, t, d: t.set_scale("default", 1e308),
+        ValueError,
+        r"set_scale: the resulting scaling \{'default': inf\} is not finite",
+    ),
     CallCase("scale-not-number", lambda tw, t, d: t.scale_layer("2"), TypeError, "expected a real number, got str '2'"),
     CallCase("unscale-zero", lambda tw, t, d: t.unscale_layer(0), ValueError, "cannot divide the scaling by 0"),
     CallCase(
@@ -514,3 +548,26 @@ def test_catalogue_matches_the_docs():
     assert len(ids) == len(set(ids)), "duplicate rows in docs/ERRORS.md"
     accepted = {"dtype-f64-cast", "dtype-bf16-cast", "dtype-f16-cast", "nonfinite-allowed"}
     assert set(ids) == {c.id for c in FILE_CASES} | {c.id for c in CALL_CASES} | accepted
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=lambda t: t.name)
+def test_problems_of_the_model_are_not_blamed_on_the_file(good, twin):
+    """A shared module or an unsupported layer is about the model: same error as without a file."""
+    import torch.nn as tnn
+
+    if twin.name == "torch":
+        model = twin.model()
+        model.head = model.layers[0] = tnn.Linear(12, 24)  # one module on two paths
+        shared = model
+        unsupported = twin.model()
+        unsupported.head = tnn.Embedding(16, 8)
+    else:
+        shared = twin.model()
+        shared.head = shared.layers[0]
+        unsupported = twin.model()
+        unsupported.head = nnx.Embed(16, 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="this module is shared") as info:
+        twin.lib.LycorisTuner.from_pretrained(shared, good)
+    assert not isinstance(info.value, CheckpointError)
+    with pytest.raises(TypeError, match="head: target module of type .* not supported"):
+        twin.lib.LycorisTuner.from_pretrained(unsupported, good)

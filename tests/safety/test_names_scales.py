@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -147,8 +148,10 @@ def test_scale_type_and_zero_unscale_errors(twin):
         tuner.model.head.unscale_layer(0.0)
     with pytest.raises(ValueError, match=r"Adapter 'nope' does not exist; available: \['default'\]"):
         tuner.set_scale("nope", 2.0)
-    tuner.set_scale("default", np.float32(0.5))  # numpy scalars are numbers
+    tuner.set_scale("default", np.float32(0.5))  # numpy and 0-d framework scalars are numbers, kept as floats
     assert tuner.model.head.scaling["default"] == pytest.approx(0.5 * 4 / 2)
+    tuner.set_scale("default", torch.tensor(0.25) if twin.name == "torch" else jnp.asarray(0.25))
+    assert type(tuner.model.head.scaling["default"]) is float and tuner.model.head.scaling["default"] == 0.5
 
 
 @twins

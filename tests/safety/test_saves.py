@@ -129,15 +129,27 @@ def test_failing_to_sync_changes_nothing(twin, tmp_path, ckpt, monkeypatch, exc)
     assert_old(twin, tmp_path, ckpt)
 
 
-@pytest.mark.parametrize("exc", INTERRUPTS, ids=lambda e: e.__name__)
-def test_failing_to_stage_the_old_files_changes_nothing(twin, tmp_path, ckpt, monkeypatch, exc):
+def test_an_interrupt_while_staging_the_old_files_changes_nothing(twin, tmp_path, ckpt, monkeypatch):
     def link(src, dst):
-        raise exc() if exc is not Boom else OSError(errno.EIO, "I/O error (injected)")
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "link", link)
-    with pytest.raises((exc, OSError)):
+    with pytest.raises(KeyboardInterrupt):
         ckpt[4].save_pretrained(ckpt[0])
     assert_old(twin, tmp_path, ckpt)
+
+
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.EPERM, errno.EIO])
+def test_a_filesystem_without_hard_links_is_saved_in_place(twin, tmp_path, ckpt, monkeypatch, code):
+    """``copytree`` gathers failed links into one ``shutil.Error``: the in-place path takes over."""
+
+    def link(src, dst):
+        raise OSError(code, os.strerror(code), src)
+
+    monkeypatch.setattr(os, "link", link)
+    ckpt[4].save_pretrained(ckpt[0])
+    assert tree_digest(ckpt[0]) == ckpt[3]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 @pytest.mark.parametrize("exc", INTERRUPTS, ids=lambda e: e.__name__)
@@ -273,10 +285,53 @@ def test_a_hard_crash_leaves_the_old_or_the_new_checkpoint(tmp_path, step, expec
         [sys.executable, "-m", "tests.safety._save_child", str(d), step], env=env, cwd=ROOT, capture_output=True
     )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    if expect == "marked":  # renamed in place when killed: our loaders refuse and say why
-        with pytest.raises(ValueError, match="an interrupted save left old and new files mixed"):
-            TORCH.lib.LycorisTuner.from_pretrained(TORCH.model(), d)
+    if expect == "marked":  # renamed in place when killed: our loaders refuse and say why, in every adapter
+        for adapter in (d, d / "other"):
+            with pytest.raises(ValueError, match="an interrupted save left old and new files mixed"):
+                TORCH.lib.LycorisTuner.from_pretrained(TORCH.model(), adapter)
+        TORCH.tuner().save_pretrained(d)  # the next save clears the marker
+        TORCH.lib.LycorisTuner.from_pretrained(TORCH.model(), d)
         return
     assert tree_digest(d) == (old if expect == "old" else new)
     TORCH.lib.LycorisTuner.from_pretrained(TORCH.model(), d)
     TORCH.lib.LycorisTuner.from_pretrained(TORCH.model(), d / "other")
+
+
+def test_saving_into_the_working_directory_keeps_it_usable(twin, tmp_path, ckpt, monkeypatch):
+    """The current directory is not swapped (that would leave the process in a deleted one)."""
+    monkeypatch.chdir(ckpt[0])
+    ckpt[4].save_pretrained(".")
+    assert os.getcwd() == str(ckpt[0]) and os.listdir(".")
+    assert tree_digest(ckpt[0]) == ckpt[3]
+    ckpt[4].save_pretrained(".")  # and again
+    twin.lib.LycorisTuner.from_pretrained(twin.model(), ".")
+
+
+def test_a_new_directory_gets_the_usual_permissions(twin, tmp_path, ckpt):
+    umask = os.umask(0)
+    os.umask(umask)
+    ckpt[4].save_pretrained(tmp_path / "fresh")
+    assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(tmp_path / "fresh" / "other").st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_an_existing_directory_keeps_its_permissions(twin, tmp_path, ckpt):
+    os.chmod(ckpt[0], 0o750)
+    ckpt[4].save_pretrained(ckpt[0])
+    assert os.stat(ckpt[0]).st_mode & 0o777 == 0o750
+
+
+@pytest.mark.parametrize("exc", INTERRUPTS, ids=lambda e: e.__name__)
+def test_a_symlinked_adapter_directory_is_written_in_place_and_safely(twin, tmp_path, ckpt, monkeypatch, exc):
+    d = ckpt[0]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(d / "other", elsewhere)
+    os.symlink(elsewhere, d / "other")
+    before = tree_digest(elsewhere)
+    monkeypatch.setattr(io, "_write_new", fail_on_call(4, io._write_new, exc))
+    with pytest.raises(exc):
+        ckpt[4].save_pretrained(d)
+    assert tree_digest(elsewhere) == before and tree_digest(d) == ckpt[1]
+    monkeypatch.undo()
+    ckpt[4].save_pretrained(d)
+    assert os.path.islink(d / "other") and tree_digest(d) == ckpt[3]

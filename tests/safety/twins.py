@@ -130,7 +130,7 @@ TWINS = [TORCH, JAX]
 def tree_digest(path: str | os.PathLike) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``path`` (``{}`` if it does not exist)."""
     out = {}
-    for root, _, files in os.walk(path):
+    for root, _, files in os.walk(path, followlinks=True):
         for name in files:
             full = os.path.join(root, name)
             with open(full, "rb") as fh:
