@@ -139,14 +139,22 @@ def test_an_interrupt_while_staging_the_old_files_changes_nothing(twin, tmp_path
     assert_old(twin, tmp_path, ckpt)
 
 
-@pytest.mark.parametrize("code", [errno.EXDEV, errno.EPERM, errno.EIO])
-def test_a_filesystem_without_hard_links_is_saved_in_place(twin, tmp_path, ckpt, monkeypatch, code):
-    """``copytree`` gathers failed links into one ``shutil.Error``: the in-place path takes over."""
+def raising(code: int):
+    def fail(a, *_):
+        raise OSError(code, f"{os.strerror(code)} (injected)", a)
 
-    def link(src, dst):
-        raise OSError(code, os.strerror(code), src)
+    return fail
 
-    monkeypatch.setattr(os, "link", link)
+
+@pytest.mark.parametrize(
+    "target, code",
+    [("link", errno.EXDEV), ("link", errno.EPERM), ("link", errno.EIO), ("exchange", errno.EBUSY)],
+    ids=["no-links-EXDEV", "no-links-EPERM", "no-links-EIO", "mount-point-EBUSY"],
+)
+def test_a_directory_that_cannot_be_swapped_is_saved_in_place(twin, tmp_path, ckpt, monkeypatch, target, code):
+    """Failed hard links (``copytree`` gathers them into one ``shutil.Error``) or a directory that
+    cannot be renamed: the in-place path takes over, and leaves no marker once done."""
+    monkeypatch.setattr(*((os, "link") if target == "link" else (io, "_exchange")), raising(code))
     ckpt[4].save_pretrained(ckpt[0])
     assert tree_digest(ckpt[0]) == ckpt[3]
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -223,21 +231,9 @@ def test_a_failed_first_save_leaves_no_directory(twin, tmp_path, ckpt, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
-def test_in_place_fallback_when_the_directory_cannot_be_swapped(twin, tmp_path, ckpt, monkeypatch):
-    """A mount point cannot be renamed (EBUSY): files are replaced in place under a marker."""
-
-    def busy(a, b):
-        raise OSError(errno.EBUSY, "Device or resource busy (injected)", b)
-
-    monkeypatch.setattr(io, "_exchange", busy)
-    ckpt[4].save_pretrained(ckpt[0])
-    assert tree_digest(ckpt[0]) == ckpt[3]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-
-
 @pytest.mark.parametrize("exc", INTERRUPTS, ids=lambda e: e.__name__)
 def test_in_place_fallback_failing_before_the_renames_changes_nothing(twin, tmp_path, ckpt, monkeypatch, exc):
-    monkeypatch.setattr(io, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(errno.EBUSY, "busy", b)))
+    monkeypatch.setattr(io, "_exchange", raising(errno.EBUSY))
     monkeypatch.setattr(io, "_write_new", fail_on_call(4, io._write_new, exc))
     with pytest.raises(exc):
         ckpt[4].save_pretrained(ckpt[0])
@@ -245,7 +241,7 @@ def test_in_place_fallback_failing_before_the_renames_changes_nothing(twin, tmp_
 
 
 def test_in_place_fallback_interrupted_mid_renames_finishes_them(twin, tmp_path, ckpt, monkeypatch):
-    monkeypatch.setattr(io, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(errno.EBUSY, "busy", b)))
+    monkeypatch.setattr(io, "_exchange", raising(errno.EBUSY))
     real, calls = os.replace, {"n": 0}
 
     def replace(a, b):
