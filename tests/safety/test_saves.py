@@ -331,3 +331,14 @@ def test_a_symlinked_adapter_directory_is_written_in_place_and_safely(twin, tmp_
     monkeypatch.undo()
     ckpt[4].save_pretrained(d)
     assert os.path.islink(d / "other") and tree_digest(d) == ckpt[3]
+
+
+def test_a_path_in_the_config_is_written_as_a_string(twin, tmp_path, ckpt):
+    """The review's case: a ``pathlib.Path`` JSON cannot hold used to fail after the weights were replaced."""
+    import json
+
+    tuner = ckpt[4]
+    tuner.peft_config["default"].base_model_name_or_path = tmp_path / "base-model"
+    tuner.save_pretrained(ckpt[0])
+    saved = json.loads((ckpt[0] / CONFIG_NAME).read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "base-model")
