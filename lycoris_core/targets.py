@@ -172,7 +172,7 @@ def match_targets(
     targets = config.target_modules
     if targets is None:
         if model_type not in DEFAULT_TARGET_MODULES:
-            raise ValueError("Please specify `target_modules` in `peft_config`")
+            raise NoMatchingModuleError("Please specify `target_modules` in `peft_config`")
         default = DEFAULT_TARGET_MODULES[model_type]
         targets = default if isinstance(default, str) else set(default)
     view = _ConfigView(config, target_modules=_expand_all_linear(targets, linear_names, output_names))

@@ -23,6 +23,7 @@ from tests.safety.twins import JAX, TORCH
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: Rows a model is needed to decide; check sees only the directory (reason each).
 NEEDS_MODEL = {
+    "config-no-targets": "with target_modules null the targets are PEFT's defaults for the model's type, which only the model tells",
     "shape-wrong": "head.lokr_w1 (4, 2) with lokr_w2 (4, 4) is a valid adapter for a 8->16 layer; only the model says 16->8",
 }
 

@@ -141,6 +141,12 @@ FILE_CASES = [
         r"adapter: the adapter's config: Target modules \['nope'\] not found",
         NoMatchingModuleError,
     ),
+    FileCase(
+        "config-no-targets",
+        _set("target_modules", None),
+        r"adapter: the adapter's config: Please specify `target_modules`",
+        NoMatchingModuleError,
+    ),
     FileCase("weights-missing", lambda d: (d / SAFETENSORS_NAME).unlink(), "no adapter_model.safetensors found"),
     FileCase(
         "weights-pickle-only",
