@@ -17,23 +17,14 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from lycoris_core import state
-from lycoris_core._io import replace_files
-from lycoris_core.checkpoint import SAFETENSORS_NAME, checkpoint_key, split_checkpoint_keys
+from lycoris_core.checkpoint import checkpoint_key
 from lycoris_core.config import CONFIG_NAME, LycorisConfig, config_class_for
 from lycoris_core.errors import CheckpointError
-from lycoris_core.files import AdapterFiles, check_factor_dtypes, read_adapter_files
+from lycoris_core.files import AdapterFiles, Checkpoint, read_adapter_files, read_checkpoint, save_adapters
 from lycoris_core.plan import AdapterPlan, LayerShape
 from lycoris_core.targets import NoMatchingModuleError, match_targets, resolve_rank_alpha
 
-__all__ = ["Checkpoint", "LayerBookkeeping", "TunerBookkeeping"]
-
-
-class Checkpoint(dict):
-    """Checkpoint tensors ``{key: tensor}`` read from the file ``path`` (named in every error)."""
-
-    def __init__(self, path: str, tensors: Mapping[str, Any]) -> None:
-        super().__init__(tensors)
-        self.path = path
+__all__ = ["LayerBookkeeping", "TunerBookkeeping"]
 
 
 class LayerBookkeeping:
@@ -515,8 +506,6 @@ class TunerBookkeeping:
         in one step (``lycoris_core._io.replace_files``); a failure or an interrupt at any point
         leaves the previous checkpoint as it was. Saving nothing is an error.
         """
-        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
-            raise ValueError(f"{os.fspath(save_directory)!r}: exists and is not a directory")
         names = list(self.peft_config) if selected_adapters is None else selected_adapters
         if isinstance(names, str):
             raise TypeError(f"selected_adapters: expected a list of adapter names, got the string {names!r}")
@@ -531,42 +520,24 @@ class TunerBookkeeping:
                 f"selected_adapters {names}: {'unknown ' + str(unknown) if unknown else 'duplicates'}; "
                 f"available: {sorted(self.peft_config)}"
             )
-        files: dict[str, bytes] = {}
+        adapters = {}
         for name in names:
             tensors = self.adapter_state_dict(name)
             if not tensors:
                 raise ValueError(f"adapter {name!r} holds no weights to save")
-            config = copy.deepcopy(self.peft_config[name])
-            config.inference_mode = True
+            config = self.peft_config[name]
             if config.auto_mapping is None and getattr(self.model, "config", None) is None:
+                config = copy.deepcopy(config)
                 config.auto_mapping = {
                     "base_model_class": type(self.model).__name__,
                     "parent_library": type(self.model).__module__,
                 }
-            sub = "" if name == "default" else name
-            files[os.path.join(sub, CONFIG_NAME)] = config.to_json_string().encode("utf-8")
-            files[os.path.join(sub, SAFETENSORS_NAME)] = self._serialize_state(tensors)
-        replace_files(save_directory, files)
+            adapters[name] = (config, self._serialize_state(tensors))
+        save_adapters(save_directory, adapters)
 
     @classmethod
     def _read_checkpoint(cls, files: AdapterFiles, allow_nonfinite: bool) -> Checkpoint:
-        """Read the weights of a validated directory: factor dtypes checked from the header first,
-        then the data, then (unless ``allow_nonfinite``) NaN/inf in any factor is refused."""
-        path = files.weights
-        by_module, _ = split_checkpoint_keys(files.tensors, cls._factor_names())
-        factor_keys = sorted(k for keys in by_module.values() for k in keys.values())
-        check_factor_dtypes(path, files.tensors, factor_keys)
-        try:
-            tensors = cls._read_state(path)
-        except Exception as err:  # the framework's reader: whatever it raises, name the file
-            raise CheckpointError(path, f"cannot read tensors: {type(err).__name__}: {err}") from None
-        if not allow_nonfinite:
-            bad = [k for k in factor_keys if not cls._all_finite(tensors[k])]
-            if bad:
-                raise CheckpointError(
-                    path, f"non-finite values (NaN or inf) in {bad}; pass allow_nonfinite=True to load them anyway"
-                )
-        return Checkpoint(path, tensors)
+        return read_checkpoint(files, cls._factor_names(), cls._read_state, cls._all_finite, allow_nonfinite)
 
     @classmethod
     def from_pretrained(

@@ -9,26 +9,30 @@ and the key, never a framework traceback. Pickle files are never read.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lycoris_core._io import INCOMPLETE_MARKER
-from lycoris_core.checkpoint import SAFETENSORS_NAME
-from lycoris_core.config import LycorisConfig
+from lycoris_core._io import INCOMPLETE_MARKER, replace_files
+from lycoris_core.checkpoint import SAFETENSORS_NAME, split_checkpoint_keys
+from lycoris_core.config import CONFIG_NAME, LycorisConfig
 from lycoris_core.errors import CheckpointError
 
 __all__ = [
     "FLOAT_DTYPES",
     "AdapterFiles",
+    "Checkpoint",
     "TensorInfo",
     "check_directory",
     "check_factor_dtypes",
     "read_adapter_files",
+    "read_checkpoint",
     "read_safetensors_header",
+    "save_adapters",
     "weights_file",
 ]
 
@@ -207,3 +211,56 @@ def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
     weights = weights_file(directory)
     tensors, _ = read_safetensors_header(weights)
     return AdapterFiles(config, weights, tensors)
+
+
+class Checkpoint(dict):
+    """Checkpoint tensors ``{key: tensor}`` read from the file ``path`` (named in every error)."""
+
+    def __init__(self, path: str, tensors: Mapping[str, Any]) -> None:
+        super().__init__(tensors)
+        self.path = path
+
+
+def read_checkpoint(
+    files: AdapterFiles,
+    factor_names: Collection[str],
+    read_state: Callable[[str], Mapping[str, Any]],
+    all_finite: Callable[[Any], bool],
+    allow_nonfinite: bool = False,
+) -> Checkpoint:
+    """Read the tensors of a validated directory with a framework's ``read_state``: factor dtypes
+    are checked from the header first, then the data is read, then (unless ``allow_nonfinite``)
+    NaN/inf in any factor is refused."""
+    path = files.weights
+    by_module, _ = split_checkpoint_keys(files.tensors, factor_names)
+    factor_keys = sorted(k for keys in by_module.values() for k in keys.values())
+    check_factor_dtypes(path, files.tensors, factor_keys)
+    try:
+        tensors = read_state(path)
+    except Exception as err:  # the framework's reader: whatever it raises, name the file
+        raise CheckpointError(path, f"cannot read tensors: {type(err).__name__}: {err}") from None
+    if not allow_nonfinite:
+        bad = [k for k in factor_keys if not all_finite(tensors[k])]
+        if bad:
+            raise CheckpointError(
+                path, f"non-finite values (NaN or inf) in {bad}; pass allow_nonfinite=True to load them anyway"
+            )
+    return Checkpoint(path, tensors)
+
+
+def save_adapters(directory: str | os.PathLike, adapters: Mapping[str, tuple[LycorisConfig, bytes]]) -> None:
+    """Write ``{adapter name: (config, safetensors bytes)}`` in PEFT's layout (``default`` in
+    ``directory``, others in ``directory/<name>/``; configs with ``inference_mode: true``), all
+    serialised first, then replaced in one crash-safe step (``_io.replace_files``)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{os.fspath(directory)!r}: exists and is not a directory")
+    if not adapters:
+        raise ValueError("nothing to save: no adapters")
+    out: dict[str, bytes] = {}
+    for name, (config, weights) in adapters.items():
+        config = copy.deepcopy(config)
+        config.inference_mode = True
+        sub = "" if name == "default" else name
+        out[os.path.join(sub, CONFIG_NAME)] = config.to_json_string().encode("utf-8")
+        out[os.path.join(sub, SAFETENSORS_NAME)] = weights
+    replace_files(directory, out)
