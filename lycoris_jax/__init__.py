@@ -9,7 +9,7 @@
 """
 
 from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
-from lycoris_jax import functional, loha, lokr
+from lycoris_jax import functional, loha, lokr, pytree
 from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam
 from lycoris_jax.tuner import LoHaModel, LoKrModel, LycorisTuner, default_rngs
 
@@ -31,4 +31,5 @@ __all__ = [
     "functional",
     "loha",
     "lokr",
+    "pytree",
 ]

@@ -7,16 +7,19 @@ Also the one place where PyTorch layouts meet Flax layouts: :func:`to_flax_kerne
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lycoris_core import fan_in
+from lycoris_core import AdapterPlan, fan_in
 
 __all__ = [
+    "adapter_dtype",
     "apply_rank_dropout",
     "forward_with_weight",
+    "init_factors",
     "kaiming_uniform",
     "rank_dropout_keep",
     "to_flax_kernel",
@@ -58,6 +61,29 @@ def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.flo
     ``fan_in = shape[1] * prod(shape[2:])`` (PyTorch layout)."""
     bound = 1.0 / math.sqrt(fan_in(shape))
     return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+
+def adapter_dtype(kernel_dtype: Any, autocast: bool = True) -> Any:
+    """PEFT's rule: adapters take the base dtype, and fp16/bf16 are autocast to float32."""
+    if autocast and kernel_dtype in (jnp.bfloat16, jnp.float16):
+        return jnp.float32
+    return kernel_dtype if jnp.issubdtype(kernel_dtype, jnp.floating) else jnp.float32
+
+
+def init_factors(
+    next_key: Callable[[], jax.Array], plan: AdapterPlan, dtype: Any, kernel_dtype: Any, *, initialize: bool = True
+) -> dict[str, jax.Array]:
+    """A plan's factors: zeros, or PyTorch's Kaiming uniform with one ``next_key()`` per such factor
+    in PEFT's order, rounded through the base kernel's dtype first (as PEFT does before its float32
+    autocast). ``initialize=False`` gives all zeros (values about to be loaded)."""
+    round_through = kernel_dtype if jnp.issubdtype(kernel_dtype, jnp.floating) else dtype
+    out = {}
+    for name, shape, init in plan.factors:
+        if init == "zeros" or not initialize:
+            out[name] = jnp.zeros(shape, dtype)
+        else:
+            out[name] = kaiming_uniform(next_key(), shape, jnp.float32).astype(round_through).astype(dtype)
+    return out
 
 
 class _KernelView:

@@ -67,13 +67,6 @@ def require_dropout_stream(rngs: nnx.Rngs, where: str) -> None:
         )
 
 
-def _adapter_dtype(kernel_dtype: Any, autocast: bool) -> Any:
-    """PEFT's rule: adapters take the base dtype, and fp16/bf16 are autocast to float32."""
-    if autocast and kernel_dtype in (jnp.bfloat16, jnp.float16):
-        return jnp.float32
-    return kernel_dtype if jnp.issubdtype(kernel_dtype, jnp.floating) else jnp.float32
-
-
 class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
     """Base of every adapter layer; wraps ``base_layer`` and adds ``Σ_active f(x; ΔW_name)``.
 
@@ -136,20 +129,10 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         return self.get_base_layer().kernel
 
     def _create_factors(self, adapter_name: str, plan: AdapterPlan, dtype: Any, initialize: bool = True) -> None:
-        """Factors per the plan: zeros, or PyTorch-style Kaiming uniform from ``rngs.params()``
-        (all zeros without ``initialize``, when values are about to be loaded)."""
+        """Factors per the plan (``functional.init_factors``, keys from ``rngs.params()``)."""
         kernel_dtype = self.get_base_layer().kernel.dtype
-        round_through = kernel_dtype if jnp.issubdtype(kernel_dtype, jnp.floating) else dtype
-        params = {}
-        for name, shape, init in plan.factors:
-            if init == "zeros" or not initialize:
-                value = jnp.zeros(shape, dtype)
-            else:
-                # Rounded through the base dtype first, as PEFT does before its float32 autocast.
-                value = functional.kaiming_uniform(self._params_key(), shape, jnp.float32)
-                value = value.astype(round_through).astype(dtype)
-            params[name] = LycorisParam(value)
-        self.factors[adapter_name] = params
+        values = functional.init_factors(self._params_key, plan, dtype, kernel_dtype, initialize=initialize)
+        self.factors[adapter_name] = {name: LycorisParam(value) for name, value in values.items()}
 
     def _params_key(self) -> jax.Array:
         try:
@@ -268,7 +251,7 @@ class _FactorizedLayer(LycorisLayer):
         initialize: bool = True,
         **kwargs: Any,
     ) -> None:
-        dtype = _adapter_dtype(self.get_base_layer().kernel.dtype, autocast_adapter_dtype)
+        dtype = functional.adapter_dtype(self.get_base_layer().kernel.dtype, autocast_adapter_dtype)
         self._create_factors(adapter_name, plan, dtype, initialize)
 
     def reset_adapter_parameters(self, adapter_name: str) -> None:
