@@ -9,7 +9,7 @@
 """
 
 from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
-from lycoris_jax import functional, loha, lokr, pytree
+from lycoris_jax import functional, linen, loha, lokr, pytree
 from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam
 from lycoris_jax.tuner import LoHaModel, LoKrModel, LycorisTuner, default_rngs
 
@@ -29,6 +29,7 @@ __all__ = [
     "default_rngs",
     "factorization",
     "functional",
+    "linen",
     "loha",
     "lokr",
     "pytree",

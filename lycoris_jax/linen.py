@@ -1,0 +1,176 @@
+"""A Linen module transform: LyCORIS adapters on any ``flax.linen`` module, without editing its code.
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn
+>>> from lycoris_jax import linen, LoKrConfig
+>>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(8)])
+>>> x = jnp.ones((2, 4))
+>>> params = model.init(jax.random.key(0), x)["params"]
+>>> adapted, lycoris = linen.adapt(model, params, LoKrConfig(r=2, target_modules=["layers_2"]), key=jax.random.key(1))
+>>> adapted.apply({"params": params, "lycoris": lycoris}, x).shape
+(2, 8)
+
+:func:`adapt` plans adapters for the targeted kernels of ``params`` (``lycoris_jax.pytree``'s rules
+and module names) and returns a :class:`LycorisModule` wrapping the model, plus the factors as a
+variable collection (``"lycoris"``, nested like ``params``). The wrapper shares the model's scope,
+so ``params`` keep their tree; while it runs, the targeted ``nn.Dense``/``nn.Conv`` calls (found with
+``nn.intercept_methods``) add the adapter branch as PEFT's unmerged forward computes it: the layer's
+own computation with ΔW as kernel, no bias, the input cast to ΔW's dtype, the sum cast back.
+Train the collection alone (``jax.grad`` with respect to it); merge, unmerge and save with the
+pytree functions below, which take the collection. Rank/module dropout run when the wrapper is
+built with ``deterministic=False`` and ``apply`` gets a ``"dropout"`` rng.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import traverse_util
+
+from lycoris_core import LycorisConfig
+from lycoris_jax import pytree
+
+__all__ = [
+    "LycorisModule",
+    "adapt",
+    "collection_of",
+    "from_pretrained",
+    "merge",
+    "save_pretrained",
+    "to_adapter",
+    "unmerge",
+    "wrap",
+]
+
+COLLECTION = "lycoris"
+#: Linen layer types whose calls get the adapter branch.
+SUPPORTED = (nn.Dense, nn.Conv)
+_inside_delta = contextvars.ContextVar("lycoris_inside_delta", default=False)
+
+
+class LycorisModule(nn.Module):
+    """``module`` with adapter branches on the layers named in ``targets`` (``((name, Target), ...)``).
+
+    ``scale`` multiplies every ``alpha / r`` (PEFT's ``set_scale``); ``deterministic=False`` turns rank
+    and module dropout on (keys from the ``"dropout"`` rng); ``enabled=False`` runs the plain model.
+    """
+
+    module: nn.Module
+    targets: tuple[tuple[str, pytree.Target], ...]
+    config_json: str
+    adapter_name: str = "default"
+    collection: str = COLLECTION
+    scale: float = 1.0
+    deterministic: bool = True
+    enabled: bool = True
+
+    def setup(self) -> None:
+        nn.share_scope(self, self.module)  # the model's params keep their paths
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled:
+            return self.module(*args, **kwargs)
+        with nn.intercept_methods(self._intercept):
+            return self.module(*args, **kwargs)
+
+    @nn.nowrap  # not a Linen method: it must not itself be intercepted
+    def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        layer = context.module
+        if context.method_name != "__call__" or not isinstance(layer, SUPPORTED) or _inside_delta.get():
+            return next_fun(*args, **kwargs)
+        name = ".".join(layer.path[len(self.path) :])
+        target = dict(self.targets).get(name)
+        if target is None:
+            return next_fun(*args, **kwargs)
+        result = next_fun(*args, **kwargs)
+        factors = {f: layer.get_variable(self.collection, f) for f in target.plan.factor_shapes}
+        missing = sorted(f for f, v in factors.items() if v is None)
+        if missing:
+            raise ValueError(
+                f"{name}: the {self.collection!r} collection lacks {missing}; pass the factors lycoris_jax.linen.adapt "
+                "returned (apply({'params': ..., 'lycoris': ...}, ...))"
+            )
+        adapter = pytree.Adapter({name: factors}, ((name, target),), self.config_json, self.adapter_name)
+        dropout = None if self.deterministic else layer.make_rng("dropout")
+        delta = pytree.delta_weight(adapter, name, scale=self.scale, key=dropout)  # the layer's kernel layout
+        x = args[0] if args else kwargs["inputs"]
+        token = _inside_delta.set(True)
+        try:
+            view = layer.clone(parent=None, use_bias=False, dtype=None, param_dtype=delta.dtype)
+            branch = view.apply({"params": {"kernel": delta}}, x.astype(delta.dtype))
+        finally:
+            _inside_delta.reset(token)
+        return (result + branch).astype(result.dtype)
+
+
+def adapt(
+    module: nn.Module,
+    params: Any,
+    config: LycorisConfig,
+    *,
+    key: jax.Array,
+    adapter_name: str = "default",
+    kinds: Mapping[str, str] | None = None,
+    output_modules: Sequence[str] = ("lm_head",),
+    **options: Any,
+) -> tuple[LycorisModule, dict]:
+    """``(wrapped module, factors collection)`` for the targeted kernels of ``params`` (initialised
+    as in PEFT, see :func:`lycoris_jax.pytree.init`). ``options`` are :class:`LycorisModule` fields
+    (``scale``, ``deterministic``, ``collection``)."""
+    adapter = pytree.init(
+        params, config, key=key, adapter_name=adapter_name, kinds=kinds, output_modules=output_modules
+    )
+    return wrap(module, adapter, **options), collection_of(adapter)
+
+
+def wrap(module: nn.Module, adapter: pytree.Adapter, **options: Any) -> LycorisModule:
+    """The :class:`LycorisModule` for an existing :class:`lycoris_jax.pytree.Adapter`'s plans."""
+    return LycorisModule(module, adapter.targets, adapter.config_json, adapter.adapter_name, **options)
+
+
+def collection_of(adapter: pytree.Adapter) -> dict:
+    """The adapter's factors as a Linen collection nested like ``params`` (``{"model": {"layers": ...}}``)."""
+    flat = {(*m.split("."), f): v for m, factors in adapter.factors.items() for f, v in factors.items()}
+    return traverse_util.unflatten_dict(flat)
+
+
+def to_adapter(adapted: LycorisModule, lycoris: Mapping) -> pytree.Adapter:
+    """The :class:`lycoris_jax.pytree.Adapter` holding a collection's factors (for files, merging)."""
+    flat = traverse_util.flatten_dict(dict(lycoris))
+    factors: dict[str, dict[str, jax.Array]] = {}
+    for path, value in flat.items():
+        factors.setdefault(".".join(path[:-1]), {})[path[-1]] = value
+    expected = {m for m, _ in adapted.targets}
+    if set(factors) != expected:
+        raise ValueError(f"the collection holds factors for {sorted(factors)}, the module expects {sorted(expected)}")
+    return pytree.Adapter(factors, adapted.targets, adapted.config_json, adapted.adapter_name)
+
+
+def merge(adapted: LycorisModule, params: Any, lycoris: Mapping, *, key: jax.Array | None = None) -> Any:
+    """``params`` with ``kernel + ΔW`` for every target (at the wrapper's ``scale``); run them with
+    the plain module (or the wrapper built with ``enabled=False``)."""
+    return pytree.merge(params, to_adapter(adapted, lycoris), scale=adapted.scale, key=key)
+
+
+def unmerge(adapted: LycorisModule, merged: Any, lycoris: Mapping) -> Any:
+    """The inverse of :func:`merge` (``kernel - ΔW``, at the same ``scale``), up to rounding."""
+    return pytree.merge(merged, to_adapter(adapted, lycoris), scale=-adapted.scale)
+
+
+def save_pretrained(adapted: LycorisModule, lycoris: Mapping, directory: str | os.PathLike) -> None:
+    """PEFT's files (crash-safe), loadable by ``PeftModel.from_pretrained`` on the torch twin."""
+    pytree.save_pretrained(to_adapter(adapted, lycoris), directory)
+
+
+def from_pretrained(
+    directory: str | os.PathLike, module: nn.Module, params: Any, **kwargs: Any
+) -> tuple[LycorisModule, dict]:
+    """``(wrapped module, factors collection)`` from a PEFT adapter directory, checked against
+    ``params`` (see :func:`lycoris_jax.pytree.from_pretrained` for ``kwargs``)."""
+    options = {k: kwargs.pop(k) for k in ("scale", "deterministic", "collection", "enabled") if k in kwargs}
+    adapter = pytree.from_pretrained(directory, params, **kwargs)
+    return wrap(module, adapter, **options), collection_of(adapter)

@@ -1,0 +1,166 @@
+"""``lycoris_jax.linen``: the Linen module transform on transformers' ``FlaxLlamaForCausalLM.module``
+(unmodified), both ways against real PEFT, and on Linen convolutions.
+
+The wrapped model runs PEFT's *unmerged* forward (base output plus the adapter branch), so its
+logits are compared with PEFT's unmerged logits directly (fp32, 1e-5 abs), and with the merged
+params run by the plain module.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+
+import lycoris_jax as lj
+import lycoris_torch as lt
+from lycoris_jax import linen, pytree
+from tests.jax.llama import IDS, LOGITS_ATOL, TARGETS, build_llama, torch_logits
+
+MASK = jnp.ones(IDS.shape, jnp.int32)
+POSITIONS = jnp.broadcast_to(jnp.arange(IDS.shape[1])[None], IDS.shape)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build_llama()
+
+
+def run(adapted, params, lycoris, ids=IDS, **kw):
+    variables = {"params": params, "lycoris": lycoris}
+    return adapted.apply(
+        variables, jnp.asarray(ids), MASK[:, : ids.shape[1]], POSITIONS[:, : ids.shape[1]], **kw
+    ).logits
+
+
+def configs(kind: str, **kw):
+    ours = (lj.LoKrConfig if kind == "lokr" else lj.LoHaConfig)(
+        r=4, alpha=8, target_modules=TARGETS, init_weights=False, **kw
+    )
+    theirs = (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(**{**ours.to_dict(), "peft_type": None})
+    return ours, theirs
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_peft_adapter_runs_unmerged_through_the_linen_transform(llama, tmp_path, kind):
+    torch_model, flax_model, params, logits = llama
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(torch_model(), configs(kind)[1]).eval()
+    expected = torch_logits(theirs)
+    theirs.save_pretrained(tmp_path)
+    adapted, lycoris = linen.from_pretrained(tmp_path, flax_model.module, params)
+    unmerged = np.asarray(jax.jit(lambda p, lyc: run(adapted, p, lyc))(params, lycoris))
+    assert np.abs(unmerged - expected).max() <= LOGITS_ATOL
+    merged = linen.merge(adapted, params, lycoris)
+    assert np.abs(np.asarray(logits(merged)) - unmerged).max() <= LOGITS_ATOL
+    restored = linen.unmerge(adapted, merged, lycoris)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_linen_trained_adapter_loads_in_peft_and_lycoris_torch(llama, tmp_path, kind):
+    torch_model, flax_model, params, _ = llama
+    adapted, lycoris = linen.adapt(flax_model.module, params, configs(kind)[0], key=jax.random.key(0))
+    ids = jnp.asarray(IDS)
+
+    def loss(lyc):
+        out = run(adapted, params, lyc, ids=IDS[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(out, ids[:, 1:]).mean()
+
+    tx = optax.adam(1e-2)
+    opt = tx.init(lycoris)
+
+    @jax.jit
+    def step(lyc, o):  # gradients with respect to the "lycoris" collection only
+        value, grads = jax.value_and_grad(loss)(lyc)
+        updates, o = tx.update(grads, o, lyc)
+        return optax.apply_updates(lyc, updates), o, value
+
+    losses = []
+    for _ in range(5):
+        lycoris, opt, value = step(lycoris, opt)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    linen.save_pretrained(adapted, lycoris, tmp_path)
+    expected = np.asarray(run(adapted, params, lycoris))
+    theirs = peft.PeftModel.from_pretrained(torch_model(), tmp_path).eval()
+    assert np.abs(torch_logits(theirs) - expected).max() <= LOGITS_ATOL
+    twin = lt.LycorisTuner.from_pretrained(torch_model(), tmp_path)
+    assert np.abs(torch_logits(twin) - expected).max() <= LOGITS_ATOL
+
+
+def test_the_collection_mirrors_params_and_scale_enabled_dropout(llama):
+    _, flax_model, params, logits = llama
+    cfg = configs("lokr", rank_dropout=0.5, module_dropout=0.2)[0]
+    adapted, lycoris = linen.adapt(flax_model.module, params, cfg, key=jax.random.key(0))
+    q = lycoris["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    assert set(q) == set(adapted.targets[0][1].plan.factor_shapes) or set(q) <= {
+        "lokr_w1",
+        "lokr_w1_a",
+        "lokr_w1_b",
+        "lokr_w2",
+        "lokr_w2_a",
+        "lokr_w2_b",
+    }
+    base = np.asarray(logits(params))
+    np.testing.assert_allclose(run(adapted.clone(enabled=False), params, lycoris), base, atol=1e-6)
+    np.testing.assert_allclose(run(adapted.clone(scale=0.0), params, lycoris), base, atol=1e-6)
+    doubled = pytree.merge(params, linen.to_adapter(adapted, lycoris), scale=2.0)
+    np.testing.assert_allclose(run(adapted.clone(scale=2.0), params, lycoris), logits(doubled), atol=LOGITS_ATOL)
+    training = adapted.clone(deterministic=False)
+    a = run(training, params, lycoris, rngs={"dropout": jax.random.key(1)})
+    b = run(training, params, lycoris, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(run(adapted, params, lycoris), run(adapted, params, lycoris))
+
+
+class Convs(nn.Module):
+    @nn.compact
+    def __call__(self, img, seq):
+        a = nn.Conv(12, (3, 3), padding="CIRCULAR", name="c2")(img)
+        b = nn.Conv(24, (3, 5), feature_group_count=3, strides=2, name="c2g")(nn.relu(a))
+        c = nn.Conv(8, (3,), padding="SAME", kernel_dilation=2, name="c1")(seq)
+        return b.mean((1, 2)), c.mean(1)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        lj.LoHaConfig(r=2, target_modules=["c2", "c2g", "c1"], use_effective_conv2d=True, init_weights=False),
+        lj.LoKrConfig(r=2, target_modules=["c2", "c2g", "c1"], decompose_both=True, init_weights=False),
+    ],
+    ids=["loha-cp", "lokr"],
+)
+def test_convolutions_unmerged_equal_merged(cfg):
+    """The delta branch is the layer's own convolution (padding mode, strides, groups, dilation)."""
+    rng = np.random.default_rng(0)
+    img, seq = (
+        jnp.asarray(rng.standard_normal((2, 9, 9, 6)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 11, 4)), jnp.float32),
+    )
+    model = Convs()
+    params = model.init(jax.random.key(0), img, seq)["params"]
+    adapted, lycoris = linen.adapt(model, params, cfg, key=jax.random.key(1), kinds={"c1": "conv1d"})
+    unmerged = adapted.apply({"params": params, "lycoris": lycoris}, img, seq)
+    merged = model.apply({"params": linen.merge(adapted, params, lycoris)}, img, seq)
+    base = model.apply({"params": params}, img, seq)
+    for u, m, b in zip(unmerged, merged, base, strict=True):
+        np.testing.assert_allclose(u, m, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(u, b)
+
+
+def test_bad_use_is_a_clear_error(llama):
+    _, flax_model, params, _ = llama
+    adapted, lycoris = linen.adapt(flax_model.module, params, configs("loha")[0], key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: the 'lycoris' collection lacks"):
+        adapted.apply({"params": params}, jnp.asarray(IDS), MASK, POSITIONS)
+    partial = jax.tree.map(lambda x: x, lycoris)
+    del partial["model"]["layers"]["1"]
+    with pytest.raises(ValueError, match="the collection holds factors for"):
+        linen.merge(adapted, params, partial)
