@@ -236,6 +236,11 @@ class TunerBookkeeping:
             )
         return [n for n, m in self._module_table().items() if head is not None and m is head]
 
+    def _linear_names(self, modules: Mapping[str, Any], config: LycorisConfig) -> list[str]:
+        """The modules ``"all-linear"`` selects (framework hook: the JAX twin warns about linear-looking
+        layers it cannot adapt instead of skipping them silently)."""
+        return [n for n, m in modules.items() if isinstance(m, self._linear_type)]
+
     def _resolve_targets(self, config: LycorisConfig) -> dict[str, AdapterPlan | None]:
         """Match targets and plan every factor without touching the model: ``{name: plan or None}``
         (``None`` for layer classes without a ``plan_fn``, e.g. custom variants)."""
@@ -244,7 +249,7 @@ class TunerBookkeeping:
         match = match_targets(
             config,
             list(modules),
-            linear_names=[n for n, m in modules.items() if isinstance(m, self._linear_type)],
+            linear_names=self._linear_names(modules, config),
             output_names=self._output_layer_names(config),
             model_type=getattr(model_config, "model_type", None),
         )

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lycoris_core import AdapterPlan, fan_in
 
 __all__ = [
+    "KernelLayout",
     "adapter_dtype",
     "apply_rank_dropout",
     "forward_with_weight",
@@ -54,6 +57,36 @@ def to_torch_layout(kernel: Any) -> Any:
     """Flax kernel -> PyTorch layout (inverse of :func:`to_flax_kernel`)."""
     n = kernel.ndim
     return kernel.transpose((n - 1, n - 2, *range(n - 2)))
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """How a Flax kernel holds the PyTorch weight that PEFT's files store for it.
+
+    ``in_axes``/``out_axes`` ``None``: a Linear or Conv kernel (``(in, out)``, ``(*k, in/g, out)``,
+    :func:`to_flax_kernel`). Otherwise the kernel is the ``nn.Linear`` it equals: the kernel dims
+    ``in_axes`` are its input and ``out_axes`` its output, each flattened in C order in kernel order
+    (``nnx.LinearGeneral`` query ``(in, H, Dh)``: ``in_axes=(0,)``, ``out_axes=(1, 2)``, the
+    ``nn.Linear(in, H*Dh)``; an ``nnx.Einsum`` kernel ``"ndh"`` in ``"btd,ndh->btnh"``:
+    ``in_axes=(1,)``, ``out_axes=(0, 2)``).
+    """
+
+    shape: tuple[int, ...]
+    in_axes: tuple[int, ...] | None = None
+    out_axes: tuple[int, ...] | None = None
+
+    @property
+    def linear_features(self) -> tuple[int, int]:
+        """``(out, in)`` of the ``nn.Linear`` this kernel equals."""
+        assert self.in_axes is not None and self.out_axes is not None
+        return math.prod(self.shape[a] for a in self.out_axes), math.prod(self.shape[a] for a in self.in_axes)
+
+    def to_kernel(self, weight: Any) -> Any:
+        """PyTorch layout ``(out, in[, *k])`` -> this kernel's shape and axis order."""
+        if self.in_axes is None:
+            return to_flax_kernel(weight)
+        grouped = to_flax_kernel(weight).reshape(*(self.shape[a] for a in (*self.in_axes, *self.out_axes)))
+        return grouped.transpose(tuple(int(i) for i in np.argsort((*self.in_axes, *self.out_axes))))
 
 
 def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -100,11 +133,16 @@ class _KernelView:
         return getattr(self._base_layer, name)
 
 
-def forward_with_weight(base_layer: Any, x: jax.Array, weight: jax.Array, **kwargs: Any) -> jax.Array:
-    """Run the base layer's *own* ``__call__`` with ``weight`` (PyTorch layout) as its kernel, no bias.
+def forward_with_weight(
+    base_layer: Any, x: jax.Array, weight: jax.Array, layout: KernelLayout | None = None, **kwargs: Any
+) -> jax.Array:
+    """Run the base layer's *own* ``__call__`` with ``weight`` (PyTorch layout, placed by ``layout``)
+    as its kernel, no bias.
 
     Works for any layer whose forward reads ``self.kernel[...]``/``self.bias`` (``nnx.Linear``,
-    ``nnx.Conv`` with every padding mode, strides, dilation, groups, masks), so the delta branch
-    is computed exactly like the merged layer. ``kwargs`` (e.g. ``out_sharding``) pass through.
+    ``nnx.Conv`` with every padding mode, strides, dilation, groups, masks, ``nnx.LinearGeneral``,
+    ``nnx.Einsum``), so the delta branch is computed exactly like the merged layer. ``kwargs``
+    (e.g. ``out_sharding``) pass through.
     """
-    return type(base_layer).__call__(_KernelView(base_layer, to_flax_kernel(weight)), x, **kwargs)
+    kernel = layout.to_kernel(weight) if layout is not None else to_flax_kernel(weight)
+    return type(base_layer).__call__(_KernelView(base_layer, kernel), x, **kwargs)

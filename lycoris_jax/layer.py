@@ -24,17 +24,22 @@ from lycoris_core.bookkeeping import LayerBookkeeping
 from lycoris_jax import functional, loha, lokr
 
 __all__ = [
+    "LINEAR_LAYERS",
     "SUPPORTED_LAYERS",
     "LoHaLayer",
     "LoKrLayer",
     "LycorisLayer",
     "LycorisParam",
+    "einsum_axes",
+    "kernel_layout_of",
     "layer_shape_of",
     "require_dropout_stream",
 ]
 
 #: Base layer types the built-in adapters wrap.
-SUPPORTED_LAYERS: tuple[type[nnx.Module], ...] = (nnx.Linear, nnx.Conv)
+SUPPORTED_LAYERS: tuple[type[nnx.Module], ...] = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
+#: The layers ``target_modules="all-linear"`` selects.
+LINEAR_LAYERS: tuple[type[nnx.Module], ...] = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
 class LycorisParam(nnx.Param):
@@ -42,10 +47,49 @@ class LycorisParam(nnx.Param):
     and ``nnx.state(model, LycorisParam)`` select exactly the adapters."""
 
 
+def einsum_axes(einsum_str: str | None, where: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(in_axes, out_axes)`` of the kernel (second operand) of ``"lhs,kernel->out"``: the kernel axes
+    contracted with the input, and those that reach the output. Others are not a linear map."""
+    where = where or "Einsum"
+    if einsum_str is None:
+        raise TypeError(
+            f"{where}: an Einsum whose einsum_str is given at call time cannot be planned; set it in the constructor"
+        )
+    lhs, _, out = einsum_str.replace(" ", "").partition("->")
+    operands = lhs.split(",")
+    if len(operands) != 2 or not out or "." in operands[1] or len(set(operands[1])) != len(operands[1]):
+        raise TypeError(f"{where}: expected 'input,kernel->output' with a plain kernel subscript, got {einsum_str!r}")
+    x, kernel = operands
+    in_axes = tuple(i for i, c in enumerate(kernel) if c in x and c not in out)
+    out_axes = tuple(i for i, c in enumerate(kernel) if c in out and c not in x)
+    if len(in_axes) + len(out_axes) != len(kernel) or not in_axes or not out_axes:
+        raise TypeError(
+            f"{where}: the kernel {kernel!r} of {einsum_str!r} is not a linear map from input to output axes "
+            "(an axis is shared with both, or summed away); not supported"
+        )
+    return in_axes, out_axes
+
+
+def kernel_layout_of(module: Any, where: str = "") -> functional.KernelLayout:
+    """How a supported layer's kernel holds PEFT's PyTorch weight (see ``functional.KernelLayout``)."""
+    shape = tuple(module.kernel.shape)
+    if isinstance(module, nnx.LinearGeneral):
+        if module.batch_axis:
+            raise TypeError(f"{where or 'LinearGeneral'}: batch_axis {dict(module.batch_axis)} is not supported")
+        n_in = len(module.in_features)
+        return functional.KernelLayout(shape, tuple(range(n_in)), tuple(range(n_in, len(shape))))
+    if isinstance(module, nnx.Einsum):
+        return functional.KernelLayout(shape, *einsum_axes(module.einsum_str, where))
+    return functional.KernelLayout(shape)
+
+
 def layer_shape_of(module: Any, where: str = "") -> LayerShape:
-    """The plan's view of a supported base layer; ``TypeError`` listing the supported types otherwise."""
+    """The plan's view of a supported base layer; ``TypeError`` listing the supported types otherwise.
+    ``nnx.LinearGeneral``/``nnx.Einsum`` are the ``nn.Linear`` they equal (``KernelLayout``)."""
     if isinstance(module, nnx.Linear):
         return LayerShape("linear", module.out_features, module.in_features)
+    if isinstance(module, (nnx.LinearGeneral, nnx.Einsum)):
+        return LayerShape("linear", *kernel_layout_of(module, where).linear_features)
     if isinstance(module, nnx.Conv) and len(module.kernel_size) in (1, 2):
         groups = module.feature_group_count
         kind = "conv1d" if len(module.kernel_size) == 1 else "conv2d"
@@ -53,7 +97,7 @@ def layer_shape_of(module: Any, where: str = "") -> LayerShape:
     detail = f" with {len(module.kernel_size)} spatial dims" if isinstance(module, nnx.Conv) else ""
     raise TypeError(
         f"{where or 'target'}: target module of type {type(module).__name__}{detail} not supported, "
-        "currently only adapters for Linear, Conv (1-D and 2-D) are supported"
+        "currently only adapters for Linear, Conv (1-D and 2-D), LinearGeneral and Einsum are supported"
     )
 
 
@@ -166,10 +210,14 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         each adapter (PEFT's in-place ``W += ΔW``); ``check`` raises on NaN or ±inf."""
         kernel = self.get_base_layer().kernel[...]
         for name in names:
-            kernel = (kernel + sign * functional.to_flax_kernel(self.get_delta_weight(name))).astype(kernel.dtype)
+            delta = self._kernel_layout().to_kernel(self.get_delta_weight(name))
+            kernel = (kernel + sign * delta).astype(kernel.dtype)
             if check and not bool(jnp.isfinite(kernel).all()):
                 raise self._nonfinite_error(where, name)
         return kernel
+
+    def _kernel_layout(self) -> functional.KernelLayout:
+        return getattr(self, "kernel_layout", None) or functional.KernelLayout(tuple(self.kernel.shape))
 
     def _set_base_weight(self, kernel: jax.Array) -> None:
         self.get_base_layer().kernel[...] = kernel
@@ -227,6 +275,7 @@ class _FactorizedLayer(LycorisLayer):
     ) -> None:
         super().__init__(base_layer, rngs=rngs, deterministic=deterministic)
         self.layer_shape = layer_shape_of(self.get_base_layer(), module_path)
+        self.kernel_layout = kernel_layout_of(self.get_base_layer(), module_path)
         self.module_path = module_path
         self._active_adapter = [adapter_name]
         self.update_layer(
@@ -291,7 +340,7 @@ class _FactorizedLayer(LycorisLayer):
         apply = not self.deterministic and bool(self.plans[adapter_name].rank_dropout)
         delta = self.get_delta_weight(adapter_name, apply_rank_dropout=apply)
         return functional.forward_with_weight(
-            self.get_base_layer(), self._cast_input_dtype(x, delta.dtype), delta, **kwargs
+            self.get_base_layer(), self._cast_input_dtype(x, delta.dtype), delta, self.kernel_layout, **kwargs
         )
 
 

@@ -10,6 +10,7 @@ Module names are the dotted graph paths (attribute names, list indices and dict 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -20,7 +21,17 @@ from safetensors.flax import load_file, save
 
 from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig
 from lycoris_core.bookkeeping import TunerBookkeeping
-from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam, layer_shape_of, require_dropout_stream
+from lycoris_jax.layer import (
+    LINEAR_LAYERS,
+    SUPPORTED_LAYERS,
+    LoHaLayer,
+    LoKrLayer,
+    LycorisLayer,
+    LycorisParam,
+    kernel_layout_of,
+    layer_shape_of,
+    require_dropout_stream,
+)
 
 __all__ = ["LoHaModel", "LoKrModel", "LycorisTuner", "default_rngs"]
 
@@ -60,7 +71,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
 
     _registry: ClassVar[dict[str, type]] = {}
     _layer_base = LycorisLayer
-    _linear_type = nnx.Linear
+    _linear_type = LINEAR_LAYERS
     _layer_shape_of = staticmethod(layer_shape_of)
 
     def __init__(
@@ -147,6 +158,27 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         if any(p is not None and (p.rank_dropout or p.module_dropout) for p in plans.values()):
             require_dropout_stream(self.rngs, f"{type(self).__name__}")
         return plans
+
+    def _linear_names(self, modules: Mapping[str, Any], config: LycorisConfig) -> list[str]:
+        """``"all-linear"``: every ``nnx.Linear``/``LinearGeneral``/``Einsum`` we can adapt. A linear
+        layer in a configuration we cannot adapt, or another module holding a kernel of 2 or more
+        dims, gets a warning naming it (never a silent skip)."""
+        names, skipped = [], []
+        for name, module in modules.items():
+            if isinstance(module, LycorisLayer):
+                names.append(name)
+            elif isinstance(module, LINEAR_LAYERS):
+                try:
+                    kernel_layout_of(module, name)
+                    names.append(name)
+                except TypeError as err:
+                    skipped.append(str(err))
+            elif not isinstance(module, nnx.Conv) and getattr(getattr(module, "kernel", None), "ndim", 0) >= 2:
+                skipped.append(f"{name}: a {type(module).__name__} holds a kernel but is not a supported layer type")
+        targets = config.target_modules
+        if skipped and isinstance(targets, str) and targets.lower() == "all-linear":
+            warnings.warn(f"target_modules='all-linear' leaves out: {'; '.join(skipped)}", UserWarning, stacklevel=4)
+        return names
 
     def _deterministic(self) -> bool:
         """The model's mode: eval iff it has modules with a mode and all are in eval mode
@@ -260,7 +292,7 @@ class LoHaModel(LycorisTuner):
 
     prefix = "hada_"
     config_cls = LoHaConfig
-    layers_mapping: ClassVar[dict[type[nnx.Module], type[LycorisLayer]]] = {nnx.Conv: LoHaLayer, nnx.Linear: LoHaLayer}
+    layers_mapping: ClassVar[dict[type[nnx.Module], type[LycorisLayer]]] = dict.fromkeys(SUPPORTED_LAYERS, LoHaLayer)
 
 
 class LoKrModel(LycorisTuner):
@@ -268,4 +300,4 @@ class LoKrModel(LycorisTuner):
 
     prefix = "lokr_"
     config_cls = LoKrConfig
-    layers_mapping: ClassVar[dict[type[nnx.Module], type[LycorisLayer]]] = {nnx.Conv: LoKrLayer, nnx.Linear: LoKrLayer}
+    layers_mapping: ClassVar[dict[type[nnx.Module], type[LycorisLayer]]] = dict.fromkeys(SUPPORTED_LAYERS, LoKrLayer)

@@ -407,7 +407,7 @@ class WithEmbed(nnx.Module):
         (
             lj.LoHaConfig(target_modules=["emb"]),
             TypeError,
-            "emb: target module of type Embed not supported, currently only adapters for Conv, Linear",
+            "emb: target module of type Embed not supported, currently only adapters for Linear, Conv, LinearGeneral, Einsum",
         ),
         (
             lj.LoHaConfig(target_modules=["conv3d"]),
