@@ -21,6 +21,7 @@ __all__ = [
     "KernelLayout",
     "adapter_dtype",
     "apply_rank_dropout",
+    "einsum_axes",
     "forward_with_weight",
     "init_factors",
     "kaiming_uniform",
@@ -87,6 +88,29 @@ class KernelLayout:
             return to_flax_kernel(weight)
         grouped = to_flax_kernel(weight).reshape(*(self.shape[a] for a in (*self.in_axes, *self.out_axes)))
         return grouped.transpose(tuple(int(i) for i in np.argsort((*self.in_axes, *self.out_axes))))
+
+
+def einsum_axes(einsum_str: str | None, where: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(in_axes, out_axes)`` of the kernel (second operand) of ``"lhs,kernel->out"``: the kernel axes
+    contracted with the input, and those that reach the output. Others are not a linear map."""
+    where = where or "Einsum"
+    if einsum_str is None:
+        raise TypeError(
+            f"{where}: an Einsum whose einsum_str is given at call time cannot be planned; set it in the constructor"
+        )
+    lhs, _, out = einsum_str.replace(" ", "").partition("->")
+    operands = lhs.split(",")
+    if len(operands) != 2 or not out or "." in operands[1] or len(set(operands[1])) != len(operands[1]):
+        raise TypeError(f"{where}: expected 'input,kernel->output' with a plain kernel subscript, got {einsum_str!r}")
+    x, kernel = operands
+    in_axes = tuple(i for i, c in enumerate(kernel) if c in x and c not in out)
+    out_axes = tuple(i for i, c in enumerate(kernel) if c in out and c not in x)
+    if len(in_axes) + len(out_axes) != len(kernel) or not in_axes or not out_axes:
+        raise TypeError(
+            f"{where}: the kernel {kernel!r} of {einsum_str!r} is not a linear map from input to output axes "
+            "(an axis is shared with both, or summed away); not supported"
+        )
+    return in_axes, out_axes
 
 
 def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:

@@ -30,7 +30,6 @@ __all__ = [
     "LoKrLayer",
     "LycorisLayer",
     "LycorisParam",
-    "einsum_axes",
     "kernel_layout_of",
     "layer_shape_of",
     "require_dropout_stream",
@@ -47,29 +46,6 @@ class LycorisParam(nnx.Param):
     and ``nnx.state(model, LycorisParam)`` select exactly the adapters."""
 
 
-def einsum_axes(einsum_str: str | None, where: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(in_axes, out_axes)`` of the kernel (second operand) of ``"lhs,kernel->out"``: the kernel axes
-    contracted with the input, and those that reach the output. Others are not a linear map."""
-    where = where or "Einsum"
-    if einsum_str is None:
-        raise TypeError(
-            f"{where}: an Einsum whose einsum_str is given at call time cannot be planned; set it in the constructor"
-        )
-    lhs, _, out = einsum_str.replace(" ", "").partition("->")
-    operands = lhs.split(",")
-    if len(operands) != 2 or not out or "." in operands[1] or len(set(operands[1])) != len(operands[1]):
-        raise TypeError(f"{where}: expected 'input,kernel->output' with a plain kernel subscript, got {einsum_str!r}")
-    x, kernel = operands
-    in_axes = tuple(i for i, c in enumerate(kernel) if c in x and c not in out)
-    out_axes = tuple(i for i, c in enumerate(kernel) if c in out and c not in x)
-    if len(in_axes) + len(out_axes) != len(kernel) or not in_axes or not out_axes:
-        raise TypeError(
-            f"{where}: the kernel {kernel!r} of {einsum_str!r} is not a linear map from input to output axes "
-            "(an axis is shared with both, or summed away); not supported"
-        )
-    return in_axes, out_axes
-
-
 def kernel_layout_of(module: Any, where: str = "") -> functional.KernelLayout:
     """How a supported layer's kernel holds PEFT's PyTorch weight (see ``functional.KernelLayout``)."""
     shape = tuple(module.kernel.shape)
@@ -79,7 +55,7 @@ def kernel_layout_of(module: Any, where: str = "") -> functional.KernelLayout:
         n_in = len(module.in_features)
         return functional.KernelLayout(shape, tuple(range(n_in)), tuple(range(n_in, len(shape))))
     if isinstance(module, nnx.Einsum):
-        return functional.KernelLayout(shape, *einsum_axes(module.einsum_str, where))
+        return functional.KernelLayout(shape, *functional.einsum_axes(module.einsum_str, where))
     return functional.KernelLayout(shape)
 
 

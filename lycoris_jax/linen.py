@@ -12,7 +12,8 @@
 :func:`adapt` plans adapters for the targeted kernels of ``params`` (``lycoris_jax.pytree``'s rules
 and module names) and returns a :class:`LycorisModule` wrapping the model, plus the factors as a
 variable collection (``"lycoris"``, nested like ``params``). The wrapper shares the model's scope,
-so ``params`` keep their tree; while it runs, the targeted ``nn.Dense``/``nn.Conv`` calls (found with
+so ``params`` keep their tree; while it runs, the targeted ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum``/
+``nn.Conv`` calls (found with
 ``nn.intercept_methods``) add the adapter branch as PEFT's unmerged forward computes it: the layer's
 own computation with ΔW as kernel, no bias, the input cast to ΔW's dtype, the sum cast back.
 Train the collection alone (``jax.grad`` with respect to it); merge, unmerge and save with the
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,12 +35,13 @@ import jax
 from flax import traverse_util
 
 from lycoris_core import LycorisConfig
-from lycoris_jax import pytree
+from lycoris_jax import functional, pytree
 
 __all__ = [
     "LycorisModule",
     "adapt",
     "collection_of",
+    "discover",
     "from_pretrained",
     "merge",
     "save_pretrained",
@@ -48,7 +52,7 @@ __all__ = [
 
 COLLECTION = "lycoris"
 #: Linen layer types whose calls get the adapter branch.
-SUPPORTED = (nn.Dense, nn.Conv)
+SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
 _inside_delta = contextvars.ContextVar("lycoris_inside_delta", default=False)
 
 
@@ -97,14 +101,51 @@ class LycorisModule(nn.Module):
         adapter = pytree.Adapter({name: factors}, ((name, target),), self.config_json, self.adapter_name)
         dropout = None if self.deterministic else layer.make_rng("dropout")
         delta = pytree.delta_weight(adapter, name, scale=self.scale, key=dropout)  # the layer's kernel layout
-        x = args[0] if args else kwargs["inputs"]
+        x, rest = (args[0], args[1:]) if args else (kwargs.pop("inputs"), ())
         token = _inside_delta.set(True)
         try:
             view = layer.clone(parent=None, use_bias=False, dtype=None, param_dtype=delta.dtype)
-            branch = view.apply({"params": {"kernel": delta}}, x.astype(delta.dtype))
+            branch = view.apply({"params": {"kernel": delta}}, x.astype(delta.dtype), *rest, **kwargs)
         finally:
             _inside_delta.reset(token)
         return (result + branch).astype(result.dtype)
+
+
+def discover(module: nn.Module, params: Any, *args: Any, **kwargs: Any) -> dict[str, pytree.KindSpec | TypeError]:
+    """``kinds`` for every supported layer ``module.apply({"params": params}, *args, **kwargs)`` calls
+    (traced with ``jax.eval_shape``, nothing computed): a ``DenseGeneral``/``Einsum`` kernel's input
+    and output axes, a Conv's rank; for a layer that cannot be adapted (``batch_dims``, an Einsum that
+    is not a linear map), the ``TypeError`` saying why."""
+    found: dict[str, pytree.KindSpec | TypeError] = {}
+
+    def record(next_fun: Any, a: tuple, kw: dict, context: Any) -> Any:
+        layer = context.module
+        if context.method_name == "__call__" and isinstance(layer, SUPPORTED):
+            name = ".".join(layer.path)
+            try:
+                found[name] = _spec_of(layer, a, kw, name)
+            except TypeError as err:
+                found[name] = err
+        return next_fun(*a, **kw)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p: module.apply({"params": p}, *args, **kwargs), params)
+    return found
+
+
+def _spec_of(layer: nn.Module, args: tuple, kwargs: dict, name: str) -> pytree.KindSpec:
+    if isinstance(layer, nn.Conv):
+        return "conv1d" if len(layer.kernel_size) == 1 else "conv2d"
+    if isinstance(layer, nn.Dense):
+        return "linear"
+    if isinstance(layer, nn.DenseGeneral):
+        if layer.batch_dims:
+            raise TypeError(f"{name}: DenseGeneral with batch_dims {layer.batch_dims} is not supported")
+        n_in = len(layer.axis) if isinstance(layer.axis, Sequence) else 1
+        n_out = len(layer.features) if isinstance(layer.features, Sequence) else 1
+        return tuple(range(n_in)), tuple(range(n_in, n_in + n_out))
+    einsum_str = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or layer.einsum_str
+    return functional.einsum_axes(einsum_str, name)
 
 
 def adapt(
@@ -114,17 +155,41 @@ def adapt(
     *,
     key: jax.Array,
     adapter_name: str = "default",
-    kinds: Mapping[str, str] | None = None,
+    kinds: Mapping[str, pytree.KindSpec] | None = None,
     output_modules: Sequence[str] = ("lm_head",),
+    example_args: tuple = (),
+    example_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> tuple[LycorisModule, dict]:
     """``(wrapped module, factors collection)`` for the targeted kernels of ``params`` (initialised
-    as in PEFT, see :func:`lycoris_jax.pytree.init`). ``options`` are :class:`LycorisModule` fields
-    (``scale``, ``deterministic``, ``collection``)."""
+    as in PEFT, see :func:`lycoris_jax.pytree.init`). With ``example_args`` the layers' kinds are
+    found by tracing one call (:func:`discover`, needed for ``DenseGeneral``/``Einsum``); ``kinds``
+    given explicitly win. ``options`` are :class:`LycorisModule` fields (``scale``, ``deterministic``,
+    ``collection``)."""
+    kinds = _kinds(module, params, config, kinds, example_args, example_kwargs)
     adapter = pytree.init(
         params, config, key=key, adapter_name=adapter_name, kinds=kinds, output_modules=output_modules
     )
     return wrap(module, adapter, **options), collection_of(adapter)
+
+
+def _kinds(
+    module: nn.Module,
+    params: Any,
+    config: LycorisConfig,
+    kinds: Mapping[str, pytree.KindSpec] | None,
+    example_args: tuple,
+    example_kwargs: Mapping[str, Any] | None,
+) -> dict[str, pytree.KindSpec]:
+    if not example_args and not example_kwargs:
+        return dict(kinds or {})
+    found = discover(module, params, *example_args, **(example_kwargs or {}))
+    skipped = [str(spec) for spec in found.values() if isinstance(spec, TypeError)]
+    targets = config.target_modules
+    if skipped and isinstance(targets, str) and targets.lower() == "all-linear":
+        warnings.warn(f"target_modules='all-linear' leaves out: {'; '.join(skipped)}", UserWarning, stacklevel=3)
+    usable = {re.escape(name): spec for name, spec in found.items() if not isinstance(spec, TypeError)}
+    return usable | dict(kinds or {})
 
 
 def wrap(module: nn.Module, adapter: pytree.Adapter, **options: Any) -> LycorisModule:
@@ -167,10 +232,19 @@ def save_pretrained(adapted: LycorisModule, lycoris: Mapping, directory: str | o
 
 
 def from_pretrained(
-    directory: str | os.PathLike, module: nn.Module, params: Any, **kwargs: Any
+    directory: str | os.PathLike,
+    module: nn.Module,
+    params: Any,
+    *,
+    example_args: tuple = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ) -> tuple[LycorisModule, dict]:
     """``(wrapped module, factors collection)`` from a PEFT adapter directory, checked against
-    ``params`` (see :func:`lycoris_jax.pytree.from_pretrained` for ``kwargs``)."""
+    ``params``; ``example_args`` as in :func:`adapt`; other ``kwargs`` are :class:`LycorisModule`
+    fields or go to :func:`lycoris_jax.pytree.from_pretrained`."""
     options = {k: kwargs.pop(k) for k in ("scale", "deterministic", "collection", "enabled") if k in kwargs}
+    config = pytree.read_config(directory)
+    kwargs["kinds"] = _kinds(module, params, config, kwargs.get("kinds"), example_args, example_kwargs)
     adapter = pytree.from_pretrained(directory, params, **kwargs)
     return wrap(module, adapter, **options), collection_of(adapter)

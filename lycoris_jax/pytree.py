@@ -16,7 +16,8 @@ is the dotted path of that subtree (``model.layers.0.self_attn.q_proj`` in ``Fla
 which is the torch twin's module name, so ``target_modules``, ``exclude_modules``,
 ``layers_to_transform``, ``rank_pattern``/``alpha_pattern`` and the checkpoint keys mean what they
 mean in PEFT. A 3-D Flax kernel can be a Conv1d, a ``DenseGeneral`` or a stack of layers: targeting
-one needs ``kinds`` (never a silent guess).
+one needs ``kinds`` (never a silent guess); a ``DenseGeneral``/``Einsum`` kernel is the ``nn.Linear``
+it equals, its input axes and output axes each flattened in C order.
 
 The :class:`Adapter` is a pytree whose leaves are exactly the factor arrays (PEFT's names and
 layouts), so ``jax.grad``, optax, orbax and ``jax.device_put`` take it as it is; its plans and
@@ -57,7 +58,17 @@ from lycoris_core.state import check_checkpoint, check_scale
 from lycoris_core.targets import NoMatchingModuleError
 from lycoris_jax import functional, loha, lokr
 
-__all__ = ["Adapter", "Target", "from_pretrained", "init", "merge", "save_pretrained"]
+__all__ = [
+    "Adapter",
+    "KindSpec",
+    "Target",
+    "delta_weight",
+    "from_pretrained",
+    "init",
+    "merge",
+    "read_config",
+    "save_pretrained",
+]
 
 Kind = Literal["linear", "conv1d", "conv2d"]
 _KINDS = ("linear", "conv1d", "conv2d")
@@ -66,11 +77,13 @@ _DELTA = {"LOHA": loha.delta_weight, "LOKR": lokr.delta_weight}
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One adapted kernel: its leaf name (``"kernel"``: Flax layout, ``"weight"``: PyTorch layout)
-    and the adapter's plan (shapes in PyTorch layout, as in PEFT's files)."""
+    """One adapted kernel: its leaf name (``"kernel"``: Flax layout, ``"weight"``: PyTorch layout),
+    the adapter's plan (shapes in PyTorch layout, as in PEFT's files) and how a Flax kernel holds
+    that layout (``functional.KernelLayout``: a ``DenseGeneral``/``Einsum`` kernel is the Linear it equals)."""
 
     leaf: Literal["kernel", "weight"]
     plan: AdapterPlan
+    layout: functional.KernelLayout | None = None
 
 
 @functools.partial(
@@ -132,29 +145,47 @@ def _kernels(params: Any) -> dict[str, tuple[str, Any]]:
     return found
 
 
-def _kind(module: str, leaf: str, ndim: int, kinds: Mapping[str, str]) -> Kind:
-    """The layer kind of a kernel; a 3-D Flax kernel must be named in ``kinds``."""
-    for pattern, kind in kinds.items():
-        if re.fullmatch(pattern, module):
-            if kind not in _KINDS:
-                raise ValueError(f"kinds[{pattern!r}]: expected one of {list(_KINDS)}, got {kind!r}")
-            expected = {"linear": 2, "conv1d": 3, "conv2d": 4}[kind]
-            if ndim != expected:
-                raise ValueError(f"{module}: kinds says {kind} ({expected}-D kernel), but its {leaf} is {ndim}-D")
-            return kind  # type: ignore[return-value]
-    if ndim == 2:
-        return "linear"
-    if ndim == 4:
-        return "conv2d"
-    if ndim == 3 and leaf == "weight":
-        return "conv1d"
-    raise ValueError(
-        f"{module}: a {ndim}-D {leaf} could be a Conv1d, a DenseGeneral or a stack of layers; say which with "
-        f"kinds={{{module!r}: 'conv1d'}} (only Linear, Conv1d and Conv2d kernels are supported so far)"
-    )
+#: A ``kinds`` entry: a layer kind, or ``(in_axes, out_axes)`` of a kernel that is the Linear it equals.
+KindSpec = Kind | tuple[tuple[int, ...], tuple[int, ...]]
 
 
-def _layer_shape(kind: Kind, leaf: str, shape: tuple[int, ...]) -> LayerShape:
+def _spec(module: str, kinds: Mapping[str, KindSpec]) -> KindSpec | None:
+    return next((spec for pattern, spec in kinds.items() if re.fullmatch(pattern, module)), None)
+
+
+def _layout(module: str, leaf: str, shape: tuple[int, ...], kinds: Mapping[str, KindSpec]) -> tuple[Kind, Any]:
+    """``(kind, KernelLayout or None)`` of a kernel; a 3-D Flax kernel must be described in ``kinds``."""
+    ndim, spec = len(shape), _spec(module, kinds)
+    if isinstance(spec, tuple):
+        in_axes, out_axes = (tuple(int(a) for a in axes) for axes in spec)
+        if leaf != "kernel" or sorted((*in_axes, *out_axes)) != list(range(ndim)) or not in_axes or not out_axes:
+            raise ValueError(f"{module}: kinds (in_axes, out_axes) {spec} must split the {ndim} axes of its kernel")
+        return "linear", functional.KernelLayout(shape, in_axes, out_axes)
+    if spec is not None:
+        if spec not in _KINDS:
+            raise ValueError(f"kinds for {module}: expected one of {list(_KINDS)} or (in_axes, out_axes), got {spec!r}")
+        expected = {"linear": 2, "conv1d": 3, "conv2d": 4}[spec]
+        if ndim != expected:
+            raise ValueError(f"{module}: kinds says {spec} ({expected}-D kernel), but its {leaf} is {ndim}-D")
+        kind = spec
+    elif ndim == 2:
+        kind = "linear"
+    elif ndim == 4:
+        kind = "conv2d"
+    elif ndim == 3 and leaf == "weight":
+        kind = "conv1d"
+    else:
+        raise ValueError(
+            f"{module}: a {ndim}-D {leaf} could be a Conv1d, a DenseGeneral or a stack of layers; say which with "
+            f"kinds={{{module!r}: 'conv1d'}} or kinds={{{module!r}: (in_axes, out_axes)}} (for a Linen module, "
+            "lycoris_jax.linen.adapt(..., example_args=...) finds out)"
+        )
+    return kind, (functional.KernelLayout(shape) if leaf == "kernel" else None)  # type: ignore[return-value]
+
+
+def _layer_shape(kind: Kind, leaf: str, shape: tuple[int, ...], layout: Any) -> LayerShape:
+    if layout is not None and layout.in_axes is not None:
+        return LayerShape("linear", *layout.linear_features)
     if leaf == "weight":  # PyTorch layout (out, in/g, *k)
         out, inp, *kernel = shape
     else:  # Flax layout (*k, in/g, out)
@@ -163,29 +194,27 @@ def _layer_shape(kind: Kind, leaf: str, shape: tuple[int, ...]) -> LayerShape:
 
 
 def _targets(
-    params: Any, config: LycorisConfig, kinds: Mapping[str, str] | None, output_modules: Sequence[str]
+    params: Any, config: LycorisConfig, kinds: Mapping[str, KindSpec] | None, output_modules: Sequence[str]
 ) -> dict[str, Target]:
     """Match the config's targets against the modules of ``params`` and plan each (no arrays made)."""
     if not isinstance(config, LycorisConfig) or config.peft_type not in _DELTA:
         raise TypeError(f"config: expected a LoHaConfig or LoKrConfig, got {type(config).__name__}")
     if config.modules_to_save:
         raise ValueError(f"modules_to_save={config.modules_to_save}: not supported by the pytree API")
-    kernels = _kernels(params)
+    kernels, kinds = _kernels(params), kinds or {}
+    linear = [m for m, (_, a) in kernels.items() if a.ndim == 2 or isinstance(_spec(m, kinds), tuple)]
     match = match_targets(
-        config,
-        list(kernels),
-        linear_names=[m for m, (_, a) in kernels.items() if a.ndim == 2],
-        output_names=[m for m in kernels if m in output_modules],
+        config, list(kernels), linear_names=linear, output_names=[m for m in kernels if m in output_modules]
     )
     targets = {}
     for module in match.targeted:
         leaf, array = kernels[module]
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise TypeError(f"{module}.{leaf}: expected a floating-point kernel, got {array.dtype}")
-        kind = _kind(module, leaf, array.ndim, kinds or {})
+        kind, layout = _layout(module, leaf, tuple(array.shape), kinds)
         r, alpha = resolve_rank_alpha(config, module)
-        plan = plan_adapter(_layer_shape(kind, leaf, tuple(array.shape)), r, alpha, config, where=module)
-        targets[module] = Target(leaf, plan)
+        plan = plan_adapter(_layer_shape(kind, leaf, tuple(array.shape), layout), r, alpha, config, where=module)
+        targets[module] = Target(leaf, plan, layout)
     return targets
 
 
@@ -200,7 +229,7 @@ def init(
     *,
     key: jax.Array,
     adapter_name: str = "default",
-    kinds: Mapping[str, str] | None = None,
+    kinds: Mapping[str, KindSpec] | None = None,
     output_modules: Sequence[str] = ("lm_head",),
     autocast_adapter_dtype: bool = True,
 ) -> Adapter:
@@ -208,7 +237,8 @@ def init(
     zeros or PyTorch's Kaiming uniform, one key per module from ``key``).
 
     ``kinds`` maps module names (regexes, full match) to ``"linear"``/``"conv1d"``/``"conv2d"`` where
-    the kernel's rank is ambiguous; ``output_modules`` are left out of ``"all-linear"`` (PEFT's
+    the kernel's rank is ambiguous, or to ``(in_axes, out_axes)`` for a ``DenseGeneral``/``Einsum``
+    kernel (the Linear it equals: input and output axes each flattened in C order); ``output_modules`` are left out of ``"all-linear"`` (PEFT's
     output embedding). Factors are float32 for a bf16/fp16 base (PEFT's autocast), else the base dtype.
     """
     check_adapter_name(adapter_name)
@@ -241,7 +271,7 @@ def delta_weight(adapter: Adapter, module: str, *, scale: Any = 1.0, key: jax.Ar
             delta = functional.apply_rank_dropout(delta, keep, rescale=plan.rank_dropout_scale, mask_dtype=mask_dtype)
         if plan.module_dropout:
             delta = jnp.where(jax.random.uniform(module_key) > plan.module_dropout, delta, jnp.zeros_like(delta))
-    return functional.to_flax_kernel(delta) if target.leaf == "kernel" else delta
+    return target.layout.to_kernel(delta) if target.layout is not None else delta
 
 
 def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | None = None) -> Any:
@@ -285,12 +315,17 @@ def save_pretrained(adapter: Adapter, directory: str | os.PathLike) -> None:
     save_adapters(directory, {adapter.adapter_name: (adapter.config, save(tensors, SAFETENSORS_METADATA))})
 
 
+def read_config(directory: str | os.PathLike) -> LycorisConfig:
+    """The adapter config of a PEFT directory (``lycoris_core``'s checks and errors)."""
+    return read_adapter_files(directory).config
+
+
 def from_pretrained(
     directory: str | os.PathLike,
     params: Any,
     *,
     adapter_name: str = "default",
-    kinds: Mapping[str, str] | None = None,
+    kinds: Mapping[str, KindSpec] | None = None,
     output_modules: Sequence[str] = ("lm_head",),
     autocast_adapter_dtype: bool = True,
     allow_nonfinite: bool = False,

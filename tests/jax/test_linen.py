@@ -21,6 +21,8 @@ import lycoris_jax as lj
 import lycoris_torch as lt
 from lycoris_jax import linen, pytree
 from tests.jax.llama import IDS, LOGITS_ATOL, TARGETS, build_llama, torch_logits
+from tests.jax.test_nnx_attention import DH, HH, D, H, N, X, pair, t_out
+from tests.jax.test_nnx_attention import TARGETS as ATTENTION_TARGETS
 
 MASK = jnp.ones(IDS.shape, jnp.int32)
 POSITIONS = jnp.broadcast_to(jnp.arange(IDS.shape[1])[None], IDS.shape)
@@ -158,3 +160,81 @@ def test_bad_use_is_a_clear_error(llama):
     del partial["model"]["layers"]["1"]
     with pytest.raises(ValueError, match="the collection holds factors for"):
         linen.merge(adapted, params, partial)
+
+
+class LinenAttn(nn.Module):
+    """The Linen twin of ``tests/jax/test_nnx_attention.py``'s models: ``nn.MultiHeadDotProductAttention``
+    (``DenseGeneral`` q/k/v/out) and an ``nn.Einsum``."""
+
+    @nn.compact
+    def __call__(self, x):
+
+        a = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=H * DH, out_features=D, name="attn")(x)
+        e = nn.Einsum((N, D, HH), "btd,ndh->btnh", name="einsum")(x)
+        return a + e.reshape(*e.shape[:2], -1).sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def attention():
+    """``(torch twin factory, linen model, params with the twin's weights, kinds found by tracing)``."""
+    model = LinenAttn()
+    params = jax.tree.map(lambda a: a, model.init(jax.random.key(0), X)["params"])
+    kinds = linen.discover(model, params, X)
+    twin = pair()[0]
+    for name in ATTENTION_TARGETS:
+        node = params
+        for part in name.split("."):
+            node = node[part]
+        in_axes, out_axes = kinds[name]
+        layout = lj.functional.KernelLayout(tuple(node["kernel"].shape), in_axes, out_axes)
+        node["kernel"] = layout.to_kernel(jnp.asarray(twin.get_submodule(name).weight.detach().numpy()))
+        node["bias"] = jnp.asarray(twin.get_submodule(name).bias.detach().numpy()).reshape(node["bias"].shape)
+    return (lambda: pair()[0]), model, params, kinds
+
+
+def test_dense_general_and_einsum_are_found_by_tracing(attention):
+    _, _, _, kinds = attention
+    assert kinds == {
+        "attn.query": ((0,), (1, 2)),
+        "attn.key": ((0,), (1, 2)),
+        "attn.value": ((0,), (1, 2)),
+        "attn.out": ((0, 1), (2,)),
+        "einsum": ((1,), (0, 2)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_dense_general_and_einsum_both_ways_against_peft(attention, tmp_path, kind):
+    twin, model, params, _ = attention
+    np.testing.assert_allclose(model.apply({"params": params}, X), t_out(twin()), atol=1e-6)  # the file contract
+    cfg = (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(
+        r=2, alpha=4, target_modules=ATTENTION_TARGETS, init_weights=False
+    )
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(twin(), cfg).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    adapted, lycoris = linen.from_pretrained(tmp_path / "peft", model, params, example_args=(X,))
+    unmerged = adapted.apply({"params": params, "lycoris": lycoris}, X)
+    assert np.abs(np.asarray(unmerged) - t_out(theirs)).max() <= LOGITS_ATOL
+    merged = model.apply({"params": linen.merge(adapted, params, lycoris)}, X)
+    assert np.abs(np.asarray(merged) - t_out(theirs)).max() <= LOGITS_ATOL
+    ours_cfg = (lj.LoKrConfig if kind == "lokr" else lj.LoHaConfig)(
+        r=2, alpha=4, target_modules=ATTENTION_TARGETS, init_weights=False
+    )
+    adapted, lycoris = linen.adapt(model, params, ours_cfg, key=jax.random.key(2), example_args=(X,))
+    linen.save_pretrained(adapted, lycoris, tmp_path / "ours")
+    expected = np.asarray(adapted.apply({"params": params, "lycoris": lycoris}, X))
+    assert (
+        np.abs(t_out(peft.PeftModel.from_pretrained(twin(), tmp_path / "ours").eval()) - expected).max() <= LOGITS_ATOL
+    )
+    assert np.abs(t_out(lt.LycorisTuner.from_pretrained(twin(), tmp_path / "ours")) - expected).max() <= LOGITS_ATOL
+
+
+def test_without_tracing_a_dense_general_kernel_needs_kinds(attention):
+    _, model, params, _ = attention
+    with pytest.raises(ValueError, match=r"attn.out: a 3-D kernel could be a Conv1d, a DenseGeneral .* example_args"):
+        linen.adapt(model, params, lj.LoKrConfig(r=2, target_modules=["out"]), key=jax.random.key(0))
+    adapter = pytree.init(
+        params, lj.LoKrConfig(r=2, target_modules=["out"]), key=jax.random.key(0), kinds={r".*out": ((0, 1), (2,))}
+    )
+    assert adapter.plans["attn.out"].layer.in_features == 8
