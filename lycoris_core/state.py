@@ -67,6 +67,7 @@ RESERVED_ADAPTER_NAMES = frozenset(
         "get_delta_weight",
         "get_nb_trainable_parameters",
         "kernel",
+        "kernel_layout",
         "layer_shape",
         "layers_mapping",
         "load_adapter",

@@ -1,147 +1,238 @@
-"""Fine-tune a small Flax NNX model with LoKr and LoHa, then prove PyTorch loads the result.
+"""``lycoris-jax demo``: fine-tune a LyCORIS adapter on a transformers Flax Llama, then load it in PyTorch.
 
-Trains the adapters under ``nnx.jit`` with ``nnx.Optimizer(..., wrt=LycorisParam)``, saves PEFT
-files, loads them with real PEFT (``peft.PeftModel.from_pretrained``) and with ``lycoris_torch``
-on a torch model holding the same base weights, and compares outputs.
+1. Build ``LlamaForCausalLM`` from a small config (random weights, seeded) and the Flax
+   ``FlaxLlamaForCausalLM`` holding the same weights (or load both from ``--model PATH``).
+2. Train a LoKr (or LoHa) adapter with the params-pytree API under ``jax.jit`` (optax Adam) on
+   Shakespeare's sonnets shipped with the package, as byte-level tokens (no download).
+3. Save PEFT's files, load them with real PEFT and with ``lycoris_torch`` onto the torch model, and
+   with the Linen transform (PEFT's unmerged forward) onto the Flax model; print a table of the
+   largest logit differences; write a loss-curve PNG.
 
-Run: ``python -m lycoris_jax.demo [--steps N] [--out DIR]``.
+Exits 1 if the loss does not fall or any framework disagrees beyond the tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import os
+import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-import lycoris_jax as lj
+__all__ = ["add_arguments", "main", "run"]
 
-IN, HIDDEN, OUT, CH = 32, 64, 1, 8
-
-
-class Model(nnx.Module):
-    """``conv`` (Conv1d k=3 over a length-8 sequence of 4 channels) -> ``layers.{0,1}`` (Linear) -> ``head``."""
-
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        self.conv = nnx.Conv(4, CH, (3,), padding=((1, 1),), rngs=rngs)
-        self.layers = nnx.List([nnx.Linear(CH * 8, HIDDEN, rngs=rngs), nnx.Linear(HIDDEN, HIDDEN, rngs=rngs)])
-        self.head = nnx.Linear(HIDDEN, OUT, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # x: (batch, 8, 4) channels-last
-        h = jax.nn.gelu(self.conv(x)).reshape(x.shape[0], -1)
-        for layer in self.layers:
-            h = jnp.tanh(layer(h))
-        return self.head(h)[..., 0]
+#: Largest logit difference accepted between frameworks (fp32; logits of magnitude ~1-10).
+TOLERANCE = 1e-4
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _task(n: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 8, 4)).astype(np.float32)
-    y = np.sin(x[:, :, 0].sum(-1)) + 0.5 * x[:, 1, 1] * x[:, 2, 2]
-    return x, y.astype(np.float32)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=["lokr", "loha"], default="lokr", help="adapter type (default: lokr)")
+    parser.add_argument("--rank", type=int, default=8, help="r (default: 8)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    parser.add_argument("--out", default="demo_output", help="directory for the adapter and loss.png")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a local transformers Llama/Gemma checkpoint directory (torch weights are converted); "
+        "default: a small random Llama",
+    )
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
+    parser.add_argument("--seed", type=int, default=0)
 
 
-def _torch_mirror(model: Model):
-    """A torch model with the same module paths and base weights (NCL layout)."""
+@dataclass
+class Models:
+    torch_model: Any  # a factory: fresh torch model with the base weights
+    flax_model: Any
+    params: Any
+    vocab: int
+    tokenize: Any
+
+
+def _small_llama(seed: int) -> Models:
     import torch
-    from torch import nn
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    class TorchModel(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv1d(4, CH, 3, padding=1)
-            self.layers = nn.ModuleList([nn.Linear(CH * 8, HIDDEN), nn.Linear(HIDDEN, HIDDEN)])
-            self.head = nn.Linear(HIDDEN, OUT)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    state = {k: v.clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+    flax_model = FlaxLlamaForCausalLM(config, seed=seed)
+    params = convert_pytorch_state_dict_to_flax({k: v.clone() for k, v in state.items()}, flax_model)
 
-        def forward(self, x):  # x: (batch, 4, 8)
-            h = nn.functional.gelu(self.conv(x), approximate="tanh")
-            h = h.transpose(1, 2).reshape(x.shape[0], -1)  # flatten in the channels-last order JAX uses
-            for layer in self.layers:
-                h = torch.tanh(layer(h))
-            return self.head(h)[..., 0]
+    def torch_model() -> Any:
+        model = LlamaForCausalLM(config).eval()
+        model.load_state_dict(state)
+        return model
 
-    mirror = TorchModel()
-    with torch.no_grad():
-        for name, module in mirror.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
-                src = model.conv if name == "conv" else model.head if name == "head" else model.layers[int(name[-1])]
-                module.weight.copy_(torch.tensor(np.asarray(lj.functional.to_torch_layout(src.kernel[...]))))
-                module.bias.copy_(torch.tensor(np.asarray(src.bias[...])))
-    return mirror
+    return Models(torch_model, flax_model, params, 256, lambda text: np.frombuffer(text.encode(), np.uint8))
 
 
-def run(kind: str, steps: int, out: str) -> dict[str, float]:
-    x, y = _task()
-    base = Model(nnx.Rngs(0))
-    model = Model(nnx.Rngs(0))
-    cfg_cls, tuner_cls = (lj.LoKrConfig, lj.LoKrModel) if kind == "lokr" else (lj.LoHaConfig, lj.LoHaModel)
-    cfg = cfg_cls(r=4, alpha=8, target_modules=["conv", "layers.0", "layers.1"], use_effective_conv2d=True)
-    tuner = tuner_cls(model, cfg, rngs=nnx.Rngs(params=1, dropout=2))
-    optimizer = nnx.Optimizer(tuner, optax.adam(3e-3), wrt=lj.LycorisParam)
+def _local_model(path: str) -> Models:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, FlaxAutoModelForCausalLM
 
-    @nnx.jit
-    def step(tuner, optimizer, xb, yb):
-        def loss_fn(t):
-            return ((t(xb) - yb) ** 2).mean()
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in ("llama", "gemma", "mistral"):
+        raise ValueError(f"--model {path}: expected a Llama, Gemma or Mistral checkpoint, got {config.model_type!r}")
+    has_flax = os.path.isfile(os.path.join(path, "flax_model.msgpack"))
+    flax_model = FlaxAutoModelForCausalLM.from_pretrained(path, from_pt=not has_flax)
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenize = lambda text: np.asarray(tokenizer(text)["input_ids"])  # noqa: E731
+    else:  # no tokenizer files: bytes, folded into the vocabulary
+        tokenize = lambda text: np.frombuffer(text.encode(), np.uint8).astype(np.int64) % config.vocab_size  # noqa: E731
+    return Models(
+        lambda: AutoModelForCausalLM.from_pretrained(path).eval(),
+        flax_model,
+        flax_model.params,
+        config.vocab_size,
+        tokenize,
+    )
 
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, lj.LycorisParam))(tuner)
-        optimizer.update(tuner, grads)
-        return loss
+
+def _batches(tokens: np.ndarray, batch: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    starts = rng.integers(0, len(tokens) - length - 1, size=batch)
+    return np.stack([tokens[s : s + length + 1] for s in starts]).astype(np.int32)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+    from tqdm.auto import tqdm
+
+    import lycoris_jax as lj
+    import lycoris_torch as lt
+    from lycoris_jax import linen, pytree
 
     start = time.perf_counter()
-    first = float(step(tuner, optimizer, x, y))
-    for _ in range(steps - 1):
-        step(tuner, optimizer, x, y)
-    seconds = time.perf_counter() - start
-    model.eval()
-    final = float(nnx.jit(lambda t: ((t(jnp.asarray(x)) - y) ** 2).mean())(tuner))
-    tuner.save_pretrained(out)
-    ours = np.asarray(tuner(jnp.asarray(x)))
+    models = _local_model(args.model) if args.model else _small_llama(args.seed)
+    text = resources.files("lycoris_jax").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
+    tokens = models.tokenize(text)
+    config_cls = lj.LoKrConfig if args.method == "lokr" else lj.LoHaConfig
+    # The output projection too, unless it is tied to the embeddings (Gemma): then Flax has no kernel
+    # for it while torch has a module, and the two would plan different adapters.
+    targets = TARGETS + (["lm_head"] if "lm_head" in models.params else [])
+    config = config_cls(r=args.rank, alpha=2 * args.rank, target_modules=targets)
+    adapter = pytree.init(models.params, config, key=jax.random.key(args.seed))
+    params, model = models.params, models.flax_model
+    n_factors = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(adapter))
+    n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+    print(
+        f"{args.method} r={args.rank} on {len(adapter.factors)} projections: {n_factors:,} trainable parameters "
+        f"({100 * n_factors / n_base:.2f}% of {n_base:,}); {len(tokens):,} tokens of Shakespeare"
+    )
 
-    import torch
+    def loss_fn(a: Any, batch: jax.Array) -> jax.Array:
+        logits = model(batch[:, :-1], params=pytree.merge(params, a)).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
-    import lycoris_torch as lt
+    tx = optax.adam(args.lr)
+    opt_state = tx.init(adapter)
 
-    tx = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
-    result = {"loss_start": first, "loss_end": final, "seconds": seconds}
-    with torch.no_grad():
-        theirs = lt.LycorisTuner.from_pretrained(_torch_mirror(base), out).eval()(tx).numpy()
-        result["lycoris_torch_max_abs_diff"] = float(np.abs(theirs - ours).max())
-        try:
-            import peft
-        except ImportError:
-            result["peft_max_abs_diff"] = float("nan")
-        else:
-            theirs = peft.PeftModel.from_pretrained(_torch_mirror(base), out).eval()(tx).numpy()
-            result["peft_max_abs_diff"] = float(np.abs(theirs - ours).max())
-    merged = lj.LycorisTuner.from_pretrained(Model(nnx.Rngs(0)), out).merge_and_unload()
-    result["merged_max_abs_diff"] = float(np.abs(np.asarray(merged(jnp.asarray(x))) - ours).max())
-    return result
+    @jax.jit
+    def step(a: Any, state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
+        value, grads = jax.value_and_grad(loss_fn)(a, batch)
+        updates, state = tx.update(grads, state, a)
+        return optax.apply_updates(a, updates), state, value
+
+    rng = np.random.default_rng(args.seed)
+    losses: list[float] = []
+    bar = tqdm(range(args.steps), desc=f"training {args.method}", unit="step", file=sys.stderr, mininterval=1.0)
+    for _ in bar:
+        adapter, opt_state, value = step(adapter, opt_state, jnp.asarray(_batches(tokens, 8, 64, rng)))
+        losses.append(float(value))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
+    train_time = time.perf_counter() - start
+    window = max(1, min(10, len(losses) // 4))
+    first, last = float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
+    print(f"loss {first:.3f} -> {last:.3f} over {args.steps} jitted steps")
+
+    os.makedirs(args.out, exist_ok=True)
+    adapter_dir = os.path.join(args.out, "adapter")
+    pytree.save_pretrained(adapter, adapter_dir)
+    _plot(losses, os.path.join(args.out, "loss.png"), f"{args.method} r={args.rank} on FlaxLlama")
+
+    ids = _batches(tokens, 2, 32, np.random.default_rng(args.seed + 1))
+    expected = np.asarray(model(jnp.asarray(ids), params=pytree.merge(params, adapter)).logits)
+    mask, positions = jnp.ones(ids.shape, jnp.int32), jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    adapted, lycoris = linen.from_pretrained(adapter_dir, model.module, params)
+    unmerged = np.asarray(
+        adapted.apply({"params": params, "lycoris": lycoris}, jnp.asarray(ids), mask, positions).logits
+    )
+
+    def torch_logits(m: Any) -> np.ndarray:
+        with torch.no_grad():
+            return m(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
+
+    import peft
+
+    rows = [
+        (
+            "real PEFT (PeftModel.from_pretrained, torch)",
+            torch_logits(peft.PeftModel.from_pretrained(models.torch_model(), adapter_dir).eval()),
+        ),
+        (
+            "lycoris_torch (LycorisTuner.from_pretrained)",
+            torch_logits(lt.LycorisTuner.from_pretrained(models.torch_model(), adapter_dir)),
+        ),
+        ("lycoris_jax Linen transform (unmerged)", unmerged),
+    ]
+    print(f"\nmax |logits - lycoris_jax merged logits| (|logits| up to {np.abs(expected).max():.1f}):")
+    worst = 0.0
+    for name, got in rows:
+        diff = float(np.abs(got - expected).max())
+        worst = max(worst, diff)
+        print(f"  {name:<48} {diff:.2e}  {'ok' if diff <= TOLERANCE else 'FAILED'}")
+    print(f"\nadapter: {adapter_dir} (PEFT files); loss curve: {os.path.join(args.out, 'loss.png')}")
+    print(f"total {time.perf_counter() - start:.0f}s (training and setup {train_time:.0f}s)")
+    failed = []
+    if not last < first - 0.05:  # nats per token, the mean of the first and of the last few steps
+        failed.append(f"the loss did not fall ({first:.3f} -> {last:.3f})")
+    if worst > TOLERANCE:
+        failed.append(f"frameworks disagree by {worst:.2e} > {TOLERANCE:.0e}")
+    if failed:
+        print("demo FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    print("demo OK: trained in JAX; real PEFT, lycoris_torch and the Linen transform reproduce it")
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", default=None, help="directory for the adapters (default: a temp dir)")
-    args = parser.parse_args(argv)
-    out = args.out or tempfile.mkdtemp(prefix="lycoris-demo-")
-    ok = True
-    for kind in ("lokr", "loha"):
-        r = run(kind, args.steps, f"{out}/{kind}")
-        print(
-            f"{kind}: loss {r['loss_start']:.4f} -> {r['loss_end']:.4f} in {r['seconds']:.1f}s ({args.steps} jitted steps); "
-            f"PEFT reload max|diff| {r['peft_max_abs_diff']:.1e}; lycoris_torch {r['lycoris_torch_max_abs_diff']:.1e}; "
-            f"merged {r['merged_max_abs_diff']:.1e}; saved to {out}/{kind}"
-        )
-        ok &= r["loss_end"] < 0.5 * r["loss_start"]
-        ok &= max(r["peft_max_abs_diff"], r["lycoris_torch_max_abs_diff"], r["merged_max_abs_diff"]) < 1e-4
-    print("demo OK: trained in JAX, PEFT and lycoris_torch load the adapters" if ok else "demo FAILED")
-    return 0 if ok else 1
+def _plot(losses: Sequence[float], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=1.2)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lycoris-jax demo", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
