@@ -1,0 +1,38 @@
+"""README.md's "Use" section runs as written: every ``python`` block in order, in one directory, then
+the ``bash`` parity check on what they saved."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import warnings
+from pathlib import Path
+
+import pytest
+
+from parity_tests.__main__ import main as parity_main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def blocks(language: str) -> list[str]:
+    use = README.read_text().split("## Use", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", use, flags=re.S)
+
+
+def test_the_use_section_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    python = blocks("python")
+    assert len(python) >= 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation notices for its Flax classes
+        for i, code in enumerate(python):
+            try:
+                exec(compile(code, f"README.md python block {i + 1}", "exec"), {"__name__": f"readme_{i}"})
+            except Exception as err:  # pragma: no cover - the message says which block
+                pytest.fail(f"README python block {i + 1} failed: {type(err).__name__}: {err}")
+    for command in blocks("bash"):
+        args = shlex.split(command.strip())
+        assert args[:4] == ["python", "-m", "parity_tests", "check"]
+        assert parity_main(args[3:]) == 0
+    assert "['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']" in capsys.readouterr().out
