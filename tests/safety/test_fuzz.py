@@ -3,11 +3,11 @@
 Each iteration copies a real directory (a LoKr one saved by the torch twin, a LoHa one saved by the
 JAX twin), applies one random mutation (bytes of the weights or config, the safetensors header
 and its length field, tensor dtypes and shapes, keys, JSON fields), then loads it with both twins
-and runs ``check`` on it. Accepted outcomes:
+and with ``lycoris_jax.pytree`` (three readers), and runs ``check`` on it. Accepted outcomes:
 
-- both twins raise ``ValueError``/``TypeError`` (a clean error); ``check`` exits 2 or 0;
-- both twins load, their factors equal an independent numpy decoding of the mutated file (cast
-  to float32) and their outputs agree; ``check`` exits 0.
+- every reader raises ``ValueError``/``TypeError`` (a clean error); ``check`` exits 2 or 0;
+- every reader loads, the factors equal an independent numpy decoding of the mutated file (cast
+  to float32) and the outputs agree; ``check`` exits 0.
 
 Anything else (another exception, the twins disagreeing, a load that differs from the file, a
 call running longer than ``TIMEOUT`` seconds) fails the test. ``LYCORIS_FUZZ_SEED`` and
@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from lycoris_core import CONFIG_NAME, SAFETENSORS_NAME
+from lycoris_jax import pytree
 from parity_tests.__main__ import main as parity_main
 from tests.safety.files import edit_tensors, read_raw, write_raw
 from tests.safety.twins import JAX, TORCH, TWINS
@@ -258,6 +260,23 @@ def load(twin, d):
         return "error", type(err).__name__
 
 
+def load_pytree(d):
+    """The same for ``lycoris_jax.pytree`` on the JAX mirror's ``nnx.State`` (outputs of the merged model)."""
+    try:
+        with deadline(TIMEOUT):
+            model = JAX.model()
+            params = nnx.state(model, nnx.Param)
+            adapter = pytree.from_pretrained(d, params)
+            nnx.update(model, pytree.merge(params, adapter))
+            factors = {k: np.asarray(v, np.float32) for k, v in adapter.state_dict().items()}
+            return "ok", factors, JAX.run(model)
+    except (ValueError, TypeError) as err:
+        return "error", type(err).__name__
+
+
+READERS = ["torch", "jax", "pytree"]
+
+
 @pytest.mark.filterwarnings("ignore:.*ignoring unknown config keys")
 def test_fuzzed_checkpoints_give_clean_errors_or_correct_loads(seeds, tmp_path, capsys):
     rng = np.random.default_rng(SEED)
@@ -271,7 +290,7 @@ def test_fuzzed_checkpoints_give_clean_errors_or_correct_loads(seeds, tmp_path, 
         mutation(d, rng)
         label = f"#{i} {seed_dir.name}/{mutation.__name__}"
         try:
-            results = [load(twin, d) for twin in TWINS]
+            results = [load(twin, d) for twin in TWINS] + [load_pytree(d)]
             with (
                 deadline(TIMEOUT),
                 contextlib.redirect_stdout(io.StringIO()),
@@ -282,28 +301,31 @@ def test_fuzzed_checkpoints_give_clean_errors_or_correct_loads(seeds, tmp_path, 
             failures.append(f"{label}: {type(err).__name__}: {err}")
             continue
         kinds = [r[0] for r in results]
-        if kinds == ["ok", "error"] and json.loads((d / CONFIG_NAME).read_text()).get("modules_to_save"):
-            outcomes["loaded by torch; modules_to_save refused by the Flax twin (documented)"] += 1
+        if kinds == ["ok", "error", "error"] and json.loads((d / CONFIG_NAME).read_text()).get("modules_to_save"):
+            outcomes["loaded by torch; modules_to_save refused by the Flax twin and pytree (documented)"] += 1
             continue
-        if kinds[0] != kinds[1]:
-            failures.append(f"{label}: the twins disagree: {results[0][:2]} vs {results[1][:2]}")
+        if len(set(kinds)) > 1:
+            failures.append(
+                f"{label}: the readers disagree: {dict(zip(READERS, (r[:2] for r in results), strict=True))}"
+            )
         elif kinds[0] == "ok":
             expected = decode(d / SAFETENSORS_NAME)
-            for twin, (_, factors, _) in zip(TWINS, results, strict=True):
+            for reader, (_, factors, _) in zip(READERS, results, strict=True):
                 if factors.keys() != expected.keys() or any(
                     not np.array_equal(factors[k], expected[k], equal_nan=True) for k in factors
                 ):
-                    failures.append(f"{label}: {twin.name} loaded values that differ from the file")
+                    failures.append(f"{label}: {reader} loaded values that differ from the file")
             out = results[0][2]
             scale = max(1.0, float(np.abs(out[np.isfinite(out)]).max(initial=0.0)))  # a flipped exponent: 1e20
-            if not np.allclose(results[0][2], results[1][2], rtol=1e-5, atol=1e-5 * scale, equal_nan=True):
-                failures.append(f"{label}: the twins' outputs differ")
+            for reader, (_, _, other) in zip(READERS[1:], results[1:], strict=True):
+                if not np.allclose(out, other, rtol=1e-5, atol=1e-5 * scale, equal_nan=True):
+                    failures.append(f"{label}: torch's and {reader}'s outputs differ")
             if code != 0:
-                failures.append(f"{label}: both twins load it but check exits {code}")
+                failures.append(f"{label}: every reader loads it but check exits {code}")
             outcomes["loaded"] += 1
         else:
             if code not in (0, 2):
-                failures.append(f"{label}: both twins refuse it but check exits {code}")
+                failures.append(f"{label}: every reader refuses it but check exits {code}")
             outcomes[f"refused ({results[0][1]})"] += 1
         shutil.rmtree(d)
     with capsys.disabled():
