@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -203,6 +204,15 @@ def _targets(
         raise ValueError(f"modules_to_save={config.modules_to_save}: not supported by the pytree API")
     kernels, kinds = _kernels(params), kinds or {}
     linear = [m for m, (_, a) in kernels.items() if a.ndim == 2 or isinstance(_spec(m, kinds), tuple)]
+    targets_all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    unknown = [m for m, (leaf, a) in kernels.items() if leaf == "kernel" and a.ndim == 3 and _spec(m, kinds) is None]
+    if targets_all_linear and unknown:
+        warnings.warn(
+            f"target_modules='all-linear' leaves out 3-D kernels that may be DenseGeneral/Einsum layers: {unknown}; "
+            "describe them with kinds={name: (in_axes, out_axes)} to include them",
+            UserWarning,
+            stacklevel=3,
+        )
     match = match_targets(
         config, list(kernels), linear_names=linear, output_names=[m for m in kernels if m in output_modules]
     )

@@ -128,10 +128,37 @@ def test_config_fields_select_what_peft_selects(llama):
     assert {m: p.scaling for m, p in adapter.plans.items()} == scalings
 
 
-def test_all_linear_leaves_out_the_output_layer(llama):
+def test_all_linear_leaves_out_the_output_layer_and_warns_about_3d_kernels(llama):
     _, _, params, _ = llama
     adapter = pytree.init(params, lj.LoHaConfig(r=2, target_modules="all-linear"), key=jax.random.key(0))
     assert "lm_head" not in adapter.factors and len(adapter.factors) == 2 * 7
+    general = {"attn": {"query": {"kernel": jnp.ones((8, 2, 4))}}, "mlp": {"kernel": jnp.ones((8, 8))}}
+    with pytest.warns(
+        UserWarning, match=r"leaves out 3-D kernels that may be DenseGeneral/Einsum layers: \['attn.query'\]"
+    ):
+        assert list(
+            pytree.init(general, lj.LoHaConfig(r=2, target_modules="all-linear"), key=jax.random.key(0)).factors
+        ) == ["mlp"]
+    described = pytree.init(
+        general,
+        lj.LoHaConfig(r=2, target_modules="all-linear"),
+        key=jax.random.key(0),
+        kinds={"attn.query": ((0,), (1, 2))},
+    )
+    assert sorted(described.factors) == ["attn.query", "mlp"]
+
+
+@pytest.mark.parametrize("init", [True, "lycoris"])
+def test_regex_targets_and_init_modes_match_peft(llama, init):
+    torch_model, _, params, _ = llama
+    kw = dict(r=4, target_modules=r".*layers\.1\.(self_attn\.q_proj|mlp\.up_proj)", init_weights=init)
+    theirs = peft.get_peft_model(torch_model(), peft.LoKrConfig(**kw))
+    adapter = pytree.init(params, lj.LoKrConfig(**kw), key=jax.random.key(0))
+    expected = peft.get_peft_model_state_dict(theirs)
+    got = adapter.state_dict()
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    for k, v in expected.items():  # the same factors are zero (w1 for True, w2 for "lycoris")
+        assert bool((v == 0).all()) == bool((np.asarray(got[k]) == 0).all()), k
 
 
 def test_merge_is_jittable_with_a_traced_scale_and_dropout_from_a_key(llama):

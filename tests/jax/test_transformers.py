@@ -5,7 +5,8 @@ to the output), with tiny configs and random weights copied torch -> Flax by tra
 
 (a) An adapter made by real PEFT on the torch model loads through the pytree API (merged params)
 and through the Linen transform (unmerged forward) with outputs equal to PEFT's; (b) one made by
-the pytree API loads in PEFT and in ``lycoris_torch`` with equal outputs. fp32, 1e-5 abs on
+the pytree API and trained a few optax steps under ``jax.jit`` loads in PEFT and in
+``lycoris_torch`` with equal outputs. fp32, 1e-5 abs on
 outputs of magnitude ~1-10.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import pytest
 import torch
@@ -169,6 +171,17 @@ def test_pytree_adapter_loads_in_peft_and_lycoris_torch(tmp_path, name, kind):
         r=2, alpha=4, target_modules=arch.targets, init_weights=False
     )
     adapter = pytree.init(params, cfg, key=jax.random.key(0))
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(a, state):  # a few optax steps under jax.jit, on a stand-in loss
+        grads = jax.grad(lambda a: (run(pytree.merge(params, a)) ** 2).mean())(a)
+        updates, state = tx.update(grads, state, a)
+        return optax.apply_updates(a, updates), state
+
+    state = tx.init(adapter)
+    for _ in range(3):
+        adapter, state = step(adapter, state)
     pytree.save_pretrained(adapter, tmp_path)
     expected = np.asarray(run(pytree.merge(params, adapter)))
     assert (
