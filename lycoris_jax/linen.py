@@ -86,8 +86,7 @@ class LycorisModule(nn.Module):
         layer = context.module
         if context.method_name != "__call__" or not isinstance(layer, SUPPORTED) or _inside_delta.get():
             return next_fun(*args, **kwargs)
-        name = ".".join(layer.path[len(self.path) :])
-        target = dict(self.targets).get(name)
+        name, target = {t.path: (n, t) for n, t in self.targets}.get(tuple(layer.path[len(self.path) :]), (None, None))
         if target is None:
             return next_fun(*args, **kwargs)
         result = next_fun(*args, **kwargs)
@@ -159,6 +158,7 @@ def adapt(
     output_modules: Sequence[str] = ("lm_head",),
     example_args: tuple = (),
     example_kwargs: Mapping[str, Any] | None = None,
+    rename: pytree.Rename = None,
     **options: Any,
 ) -> tuple[LycorisModule, dict]:
     """``(wrapped module, factors collection)`` for the targeted kernels of ``params`` (initialised
@@ -166,9 +166,9 @@ def adapt(
     found by tracing one call (:func:`discover`, needed for ``DenseGeneral``/``Einsum``); ``kinds``
     given explicitly win. ``options`` are :class:`LycorisModule` fields (``scale``, ``deterministic``,
     ``collection``)."""
-    kinds = _kinds(module, params, config, kinds, example_args, example_kwargs)
+    kinds = _kinds(module, params, config, kinds, example_args, example_kwargs, rename)
     adapter = pytree.init(
-        params, config, key=key, adapter_name=adapter_name, kinds=kinds, output_modules=output_modules
+        params, config, key=key, adapter_name=adapter_name, kinds=kinds, output_modules=output_modules, rename=rename
     )
     return wrap(module, adapter, **options), collection_of(adapter)
 
@@ -180,10 +180,12 @@ def _kinds(
     kinds: Mapping[str, pytree.KindSpec] | None,
     example_args: tuple,
     example_kwargs: Mapping[str, Any] | None,
+    rename: pytree.Rename = None,
 ) -> dict[str, pytree.KindSpec]:
     if not example_args and not example_kwargs:
         return dict(kinds or {})
-    found = discover(module, params, *example_args, **(example_kwargs or {}))
+    to_name = pytree._renamer(rename)
+    found = {to_name(p): spec for p, spec in discover(module, params, *example_args, **(example_kwargs or {})).items()}
     skipped = [str(spec) for spec in found.values() if isinstance(spec, TypeError)]
     targets = config.target_modules
     if skipped and isinstance(targets, str) and targets.lower() == "all-linear":
@@ -199,19 +201,24 @@ def wrap(module: nn.Module, adapter: pytree.Adapter, **options: Any) -> LycorisM
 
 def collection_of(adapter: pytree.Adapter) -> dict:
     """The adapter's factors as a Linen collection nested like ``params`` (``{"model": {"layers": ...}}``)."""
-    flat = {(*m.split("."), f): v for m, factors in adapter.factors.items() for f, v in factors.items()}
+    paths = {module: target.path for module, target in adapter.targets}
+    flat = {(*paths[m], f): v for m, factors in adapter.factors.items() for f, v in factors.items()}
     return traverse_util.unflatten_dict(flat)
 
 
 def to_adapter(adapted: LycorisModule, lycoris: Mapping) -> pytree.Adapter:
     """The :class:`lycoris_jax.pytree.Adapter` holding a collection's factors (for files, merging)."""
-    flat = traverse_util.flatten_dict(dict(lycoris))
+    names = {target.path: module for module, target in adapted.targets}
     factors: dict[str, dict[str, jax.Array]] = {}
-    for path, value in flat.items():
-        factors.setdefault(".".join(path[:-1]), {})[path[-1]] = value
-    expected = {m for m, _ in adapted.targets}
-    if set(factors) != expected:
-        raise ValueError(f"the collection holds factors for {sorted(factors)}, the module expects {sorted(expected)}")
+    unexpected = []
+    for path, value in traverse_util.flatten_dict(dict(lycoris)).items():
+        if path[:-1] in names:
+            factors.setdefault(names[path[:-1]], {})[path[-1]] = value
+        else:
+            unexpected.append(".".join(path[:-1]))
+    if unexpected or set(factors) != set(names.values()):
+        found = sorted({*factors, *unexpected})
+        raise ValueError(f"the collection holds factors for {found}, the module expects {sorted(names.values())}")
     return pytree.Adapter(factors, adapted.targets, adapted.config_json, adapted.adapter_name)
 
 
@@ -245,6 +252,8 @@ def from_pretrained(
     fields or go to :func:`lycoris_jax.pytree.from_pretrained`."""
     options = {k: kwargs.pop(k) for k in ("scale", "deterministic", "collection", "enabled") if k in kwargs}
     config = pytree.read_config(directory)
-    kwargs["kinds"] = _kinds(module, params, config, kwargs.get("kinds"), example_args, example_kwargs)
+    kwargs["kinds"] = _kinds(
+        module, params, config, kwargs.get("kinds"), example_args, example_kwargs, kwargs.get("rename")
+    )
     adapter = pytree.from_pretrained(directory, params, **kwargs)
     return wrap(module, adapter, **options), collection_of(adapter)

@@ -33,7 +33,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -62,6 +62,7 @@ from lycoris_jax import functional, loha, lokr
 __all__ = [
     "Adapter",
     "KindSpec",
+    "Rename",
     "Target",
     "delta_weight",
     "from_pretrained",
@@ -85,6 +86,8 @@ class Target:
     leaf: Literal["kernel", "weight"]
     plan: AdapterPlan
     layout: functional.KernelLayout | None = None
+    #: The module's path in the params tree (its name in PEFT's files may differ: ``rename``).
+    path: tuple[str, ...] = ()
 
 
 @functools.partial(
@@ -131,18 +134,36 @@ def _leaf_names(path: Sequence[Any]) -> tuple[str, ...]:
     return names
 
 
-def _kernels(params: Any) -> dict[str, tuple[str, Any]]:
-    """``{module name: (leaf name, array)}`` for every ``kernel`` leaf and every ``weight`` of >= 2 dims."""
-    found: dict[str, tuple[str, Any]] = {}
+#: ``rename``: a module's dotted path in the params tree -> its name in PEFT's files (the torch
+#: twin's module name), as a function or a mapping (names it lacks stay as they are).
+Rename = Callable[[str], str] | Mapping[str, str] | None
+
+
+def _renamer(rename: Rename) -> Callable[[str], str]:
+    """``rename`` as a function (shared with ``lycoris_jax.linen``)."""
+    if rename is None:
+        return lambda name: name
+    if isinstance(rename, Mapping):
+        return lambda name: rename.get(name, name)
+    return rename
+
+
+def _kernels(params: Any, rename: Rename = None) -> dict[str, tuple[str, Any, tuple[str, ...]]]:
+    """``{module name: (leaf name, array, module path)}`` for every ``kernel`` leaf and every ``weight``
+    of >= 2 dims; the name is ``rename`` of the dotted path."""
+    to_name = _renamer(rename)
+    found: dict[str, tuple[str, Any, tuple[str, ...]]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = _leaf_names(path)
         ndim = getattr(leaf, "ndim", 0)
         if not names or names[-1] not in ("kernel", "weight") or (names[-1] == "weight" and ndim < 2):
             continue
-        module = ".".join(names[:-1])
+        module = to_name(".".join(names[:-1]))
         if module in found:
-            raise ValueError(f"{module}: holds both a kernel and a weight; which one to adapt is ambiguous")
-        found[module] = (names[-1], leaf)
+            raise ValueError(
+                f"{module}: two kernels have this name ({'.'.join(found[module][2])} and {'.'.join(names[:-1])})"
+            )
+        found[module] = (names[-1], leaf, names[:-1])
     return found
 
 
@@ -195,17 +216,21 @@ def _layer_shape(kind: Kind, leaf: str, shape: tuple[int, ...], layout: Any) -> 
 
 
 def _targets(
-    params: Any, config: LycorisConfig, kinds: Mapping[str, KindSpec] | None, output_modules: Sequence[str]
+    params: Any,
+    config: LycorisConfig,
+    kinds: Mapping[str, KindSpec] | None,
+    output_modules: Sequence[str],
+    rename: Rename = None,
 ) -> dict[str, Target]:
     """Match the config's targets against the modules of ``params`` and plan each (no arrays made)."""
     if not isinstance(config, LycorisConfig) or config.peft_type not in _DELTA:
         raise TypeError(f"config: expected a LoHaConfig or LoKrConfig, got {type(config).__name__}")
     if config.modules_to_save:
         raise ValueError(f"modules_to_save={config.modules_to_save}: not supported by the pytree API")
-    kernels, kinds = _kernels(params), kinds or {}
-    linear = [m for m, (_, a) in kernels.items() if a.ndim == 2 or isinstance(_spec(m, kinds), tuple)]
+    kernels, kinds = _kernels(params, rename), kinds or {}
+    linear = [m for m, (_, a, _) in kernels.items() if a.ndim == 2 or isinstance(_spec(m, kinds), tuple)]
     targets_all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
-    unknown = [m for m, (leaf, a) in kernels.items() if leaf == "kernel" and a.ndim == 3 and _spec(m, kinds) is None]
+    unknown = [m for m, (leaf, a, _) in kernels.items() if leaf == "kernel" and a.ndim == 3 and _spec(m, kinds) is None]
     if targets_all_linear and unknown:
         warnings.warn(
             f"target_modules='all-linear' leaves out 3-D kernels that may be DenseGeneral/Einsum layers: {unknown}; "
@@ -218,13 +243,13 @@ def _targets(
     )
     targets = {}
     for module in match.targeted:
-        leaf, array = kernels[module]
+        leaf, array, path = kernels[module]
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise TypeError(f"{module}.{leaf}: expected a floating-point kernel, got {array.dtype}")
         kind, layout = _layout(module, leaf, tuple(array.shape), kinds)
         r, alpha = resolve_rank_alpha(config, module)
         plan = plan_adapter(_layer_shape(kind, leaf, tuple(array.shape), layout), r, alpha, config, where=module)
-        targets[module] = Target(leaf, plan, layout)
+        targets[module] = Target(leaf, plan, layout, path)
     return targets
 
 
@@ -242,6 +267,7 @@ def init(
     kinds: Mapping[str, KindSpec] | None = None,
     output_modules: Sequence[str] = ("lm_head",),
     autocast_adapter_dtype: bool = True,
+    rename: Rename = None,
 ) -> Adapter:
     """Plan and initialise adapters for the targeted kernels of ``params`` (PEFT's initialisation:
     zeros or PyTorch's Kaiming uniform, one key per module from ``key``).
@@ -249,11 +275,13 @@ def init(
     ``kinds`` maps module names (regexes, full match) to ``"linear"``/``"conv1d"``/``"conv2d"`` where
     the kernel's rank is ambiguous, or to ``(in_axes, out_axes)`` for a ``DenseGeneral``/``Einsum``
     kernel (the Linear it equals: input and output axes each flattened in C order); ``output_modules`` are left out of ``"all-linear"`` (PEFT's
-    output embedding). Factors are float32 for a bf16/fp16 base (PEFT's autocast), else the base dtype.
+    output embedding); ``rename`` maps module paths to the names PEFT's files use where they differ
+    (diffusers' Flax ``down_blocks_0`` is torch's ``down_blocks.0``). Factors are float32 for a
+    bf16/fp16 base (PEFT's autocast), else the base dtype.
     """
     check_adapter_name(adapter_name)
-    targets = _targets(params, config, kinds, output_modules)
-    kernels = _kernels(params)
+    targets = _targets(params, config, kinds, output_modules, rename)
+    kernels = _kernels(params, rename)
     factors = {}
     for module, k in zip(sorted(targets), jax.random.split(key, len(targets)), strict=True):
         kernel_dtype = kernels[module][1].dtype
@@ -293,13 +321,16 @@ def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | N
     """
     if isinstance(scale, (int, float)):
         check_scale("merge: scale", scale)
-    targets = dict(adapter.targets)
-    keys = dict(zip(sorted(targets), jax.random.split(key, len(targets)), strict=True)) if key is not None else {}
+    by_path = {target.path: (module, target) for module, target in adapter.targets}
+    keys = (
+        dict(zip(sorted(dict(adapter.targets)), jax.random.split(key, len(by_path)), strict=True))
+        if key is not None
+        else {}
+    )
 
     def replace(path: Any, leaf: Any) -> Any:
         names = _leaf_names(path)
-        module = ".".join(names[:-1])
-        target = targets.get(module)
+        module, target = by_path.get(names[:-1], (None, None))
         if target is None or names[-1] != target.leaf:
             return leaf
         delta = delta_weight(adapter, module, scale=scale, key=keys.get(module))
@@ -309,9 +340,10 @@ def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | N
             )
         return (leaf + delta).astype(leaf.dtype)
 
-    missing = set(targets) - set(_kernels(params))
+    present = {path for _, _, path in _kernels(params).values()}
+    missing = sorted(module for module, target in adapter.targets if target.path not in present)
     if missing:
-        raise ValueError(f"the adapter targets modules these params lack: {sorted(missing)}")
+        raise ValueError(f"the adapter targets modules these params lack: {missing}")
     return jax.tree_util.tree_map_with_path(replace, params)
 
 
@@ -339,6 +371,7 @@ def from_pretrained(
     output_modules: Sequence[str] = ("lm_head",),
     autocast_adapter_dtype: bool = True,
     allow_nonfinite: bool = False,
+    rename: Rename = None,
 ) -> Adapter:
     """Load a PEFT adapter directory for ``params`` (e.g. one PEFT saved for the torch twin).
 
@@ -354,10 +387,10 @@ def from_pretrained(
     names = LOHA_FACTORS if config.peft_type == "LOHA" else LOKR_FACTORS
     tensors = read_checkpoint(files, names, load_file, lambda t: bool(jnp.isfinite(t).all()), allow_nonfinite)
     try:
-        targets = _targets(params, config, kinds, output_modules)
+        targets = _targets(params, config, kinds, output_modules, rename)
     except NoMatchingModuleError as err:
         raise NoMatchingModuleError(f"{os.fspath(directory)}: the adapter's config: {err}") from None
-    kernels = _kernels(params)
+    kernels = _kernels(params, rename)
     try:
         by_module, other = check_checkpoint(
             {m: t.plan for m, t in targets.items()}, {k: tuple(v.shape) for k, v in tensors.items()}, names, kernels
