@@ -245,3 +245,23 @@ def test_non_default_adapter_name_saves_in_a_subdirectory(llama, tmp_path):
     loaded = pytree.from_pretrained(tmp_path / "style", params, adapter_name="style")
     for a, b in zip(jax.tree.leaves(adapter), jax.tree.leaves(loaded), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_rename_maps_flax_paths_to_the_torch_names(tmp_path):
+    params = {"down_blocks_0": {"proj": {"kernel": jnp.ones((6, 4))}}, "mid": {"kernel": jnp.ones((4, 4))}}
+    cfg = lj.LoKrConfig(r=2, target_modules=["proj", "mid"], init_weights=False)
+    to_torch = lambda name: name.replace("down_blocks_0", "down_blocks.0")  # noqa: E731
+    adapter = pytree.init(params, cfg, key=jax.random.key(0), rename=to_torch)
+    assert sorted(adapter.factors) == ["down_blocks.0.proj", "mid"]  # names PEFT's files use
+    assert dict(adapter.targets)["down_blocks.0.proj"].path == ("down_blocks_0", "proj")
+    merged = pytree.merge(params, adapter)  # found by path, not by name
+    np.testing.assert_allclose(
+        merged["down_blocks_0"]["proj"]["kernel"] - 1, pytree.delta_weight(adapter, "down_blocks.0.proj"), atol=1e-6
+    )
+    pytree.save_pretrained(adapter, tmp_path)
+    loaded = pytree.from_pretrained(tmp_path, params, rename={"down_blocks_0.proj": "down_blocks.0.proj"})
+    np.testing.assert_array_equal(
+        pytree.merge(params, loaded)["down_blocks_0"]["proj"]["kernel"], merged["down_blocks_0"]["proj"]["kernel"]
+    )
+    with pytest.raises(ValueError, match=r"m: two kernels have this name \(down_blocks_0.proj and mid\)"):
+        pytree.init(params, cfg, key=jax.random.key(0), rename=lambda name: "m")
