@@ -129,11 +129,16 @@ def check_adapter_name(name: Any) -> str:
     return name
 
 
-def check_scale(where: str, value: Any, *, nonzero: bool = False) -> float:
-    """A finite real scale (``bool`` is refused); ``nonzero`` also refuses 0. Returns it as a float."""
+def check_scale(where: str, value: Any, *, nonzero: bool = False) -> Any:
+    """A finite real scale (``bool`` is refused); ``nonzero`` also refuses 0. Returns it as a float;
+    a traced 0-d array (inside ``jax.jit``) has no value to check yet and is returned as it is."""
     if isinstance(value, bool) or (not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
         raise TypeError(f"{where}: expected a real number, got {type(value).__name__} {value!r}")
-    as_float = float(value)
+    as_float = _as_float(value)
+    if as_float is None:
+        if getattr(value, "shape", None) == ():
+            return value
+        raise TypeError(f"{where}: expected a real number, got {type(value).__name__} {value!r}")
     if not math.isfinite(as_float):
         raise ValueError(f"{where}: expected a finite number, got {value!r}")
     if nonzero and as_float == 0:
@@ -141,9 +146,18 @@ def check_scale(where: str, value: Any, *, nonzero: bool = False) -> float:
     return as_float
 
 
-def _finite_scaling(where: str, old: Mapping[str, float], new: dict) -> dict:
-    """``new`` if every scaling it changes is finite (``set_scale(1e308)`` overflows), else a ``ValueError``."""
-    bad = {k: v for k, v in new.items() if v != old.get(k) and not math.isfinite(v)}
+def _as_float(value: Any) -> float | None:
+    """``float(value)``, or ``None`` for a value that has none yet (traced) or is not a scalar."""
+    try:
+        return float(value)
+    except TypeError:
+        return None
+
+
+def _finite_scaling(where: str, new: dict) -> dict:
+    """``new`` if every scaling is finite (``set_scale(1e308)`` overflows), else a ``ValueError``;
+    traced values cannot be checked and pass."""
+    bad = {k: v for k, v in new.items() if (f := _as_float(v)) is not None and not math.isfinite(f)}
     if bad:
         raise ValueError(f"{where}: the resulting scaling {bad} is not finite")
     return new
@@ -178,15 +192,15 @@ def set_scale(scaling: Mapping[str, float], plans: Mapping[str, AdapterPlan], ad
     new = dict(scaling)
     if adapter in plans:
         new[adapter] = scale * plans[adapter].alpha / plans[adapter].r
-    return _finite_scaling("set_scale", scaling, new)
+    return _finite_scaling("set_scale", new)
 
 
 def scale_layer(scaling: Mapping[str, float], active: Collection[str], scale: float) -> dict:
     """Multiply the scaling of the ``active`` adapters present in ``scaling`` by ``scale``."""
     scale = check_scale("scale_layer: scale", scale)
-    if scale == 1:
+    if isinstance(scale, float) and scale == 1:
         return dict(scaling)
-    return _finite_scaling("scale_layer", scaling, {k: v * scale if k in active else v for k, v in scaling.items()})
+    return _finite_scaling("scale_layer", {k: v * scale if k in active else v for k, v in scaling.items()})
 
 
 def unscale_layer(
@@ -199,7 +213,7 @@ def unscale_layer(
     for name in active:
         if name in new:
             new[name] = plans[name].alpha / plans[name].r if scale is None else new[name] / scale
-    return _finite_scaling("unscale_layer", scaling, new)
+    return _finite_scaling("unscale_layer", new)
 
 
 def check_checkpoint(

@@ -26,9 +26,16 @@ __all__ = [
     "init_factors",
     "kaiming_uniform",
     "rank_dropout_keep",
+    "scaled",
     "to_flax_kernel",
     "to_torch_layout",
 ]
+
+
+def scaled(weight: jax.Array, scale: Any) -> jax.Array:
+    """``weight * scale`` in ``weight``'s dtype, for a Python float (PEFT's case) or an array, traced
+    or not (a live :class:`~lycoris_jax.LycorisScale`): the scale never promotes a bf16 ΔW."""
+    return weight * jnp.asarray(scale, weight.dtype)
 
 
 def rank_dropout_keep(key: jax.Array, num_rows: int, p: float) -> jax.Array:

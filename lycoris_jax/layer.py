@@ -3,8 +3,9 @@
 Mirrors ``lycoris_torch.layer``. State is a dict of structs: ``plans[name]`` is the frozen
 ``lycoris_core.AdapterPlan`` (static), ``factors[name]`` a dict of :class:`LycorisParam`
 in PEFT's names and PyTorch layouts (plain dicts, so any valid adapter name is a key, unlike
-``nnx.Dict`` whose keys are attributes), ``scaling[name]`` the live scale (a static Python float,
-so changing it retraces a jitted function once). The delta branch runs the base layer's own
+``nnx.Dict`` whose keys are attributes), ``scaling[name]`` the live scale, held in a
+:class:`LycorisScale` variable (state, not graph structure: a new scale never recompiles a jitted
+function, and a traced scale may be set inside one). The delta branch runs the base layer's own
 forward with ΔW as its kernel (``functional.forward_with_weight``), so merged and unmerged outputs
 agree for every padding mode, stride, dilation and group count.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "LoKrLayer",
     "LycorisLayer",
     "LycorisParam",
+    "LycorisScale",
     "kernel_layout_of",
     "layer_shape_of",
     "require_dropout_stream",
@@ -44,6 +46,11 @@ LINEAR_LAYERS: tuple[type[nnx.Module], ...] = (nnx.Linear, nnx.LinearGeneral, nn
 class LycorisParam(nnx.Param):
     """An adapter factor. ``nnx.Optimizer(model, tx, wrt=LycorisParam)``, ``nnx.DiffState(0, LycorisParam)``
     and ``nnx.state(model, LycorisParam)`` select exactly the adapters."""
+
+
+class LycorisScale(nnx.Variable):
+    """An adapter's live scale (``alpha / r`` times ``set_scale``'s factor): a 0-d array, never trained
+    (not an ``nnx.Param``); ``nnx.state(model, LycorisScale)`` selects every scale."""
 
 
 def kernel_layout_of(module: Any, where: str = "") -> functional.KernelLayout:
@@ -104,6 +111,9 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
     def __init__(self, base_layer: nnx.Module, *, rngs: nnx.Rngs, deterministic: bool = False) -> None:
         self.base_layer = base_layer
         self.factors: dict[str, dict[str, LycorisParam]] = nnx.data({})
+        self._scales: dict[str, LycorisScale] = nnx.data({})
+        #: ``{adapter: traced bool}`` for adapters merged by a safe merge under ``jax.jit``.
+        self._merge_ok: dict[str, nnx.Variable] = nnx.data({})
         self._init_bookkeeping()
         #: ``True`` in eval mode (``model.eval()``); the tuner passes the mode of the model joined.
         self.deterministic = deterministic
@@ -138,6 +148,25 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         """The adapter's contribution added to the base layer's output."""
 
     # ------------------------------------------------------------------ state
+    @property
+    def scaling(self) -> dict[str, Any]:
+        """``{adapter: scale}``: Python floats where the values are concrete, arrays while traced."""
+        return {name: _concrete_or_array(var.get_value()) for name, var in self._scales.items()}
+
+    @scaling.setter
+    def scaling(self, values: dict[str, Any]) -> None:
+        """Replace the scales; an existing variable keeps its identity (and its place under ``nnx.jit``)."""
+        scales = {}
+        for name, value in values.items():
+            var = self._scales.get(name)
+            value = jnp.asarray(value, dtype=jnp.result_type(float))  # never weak-typed: one trace
+            if var is not None and var.get_value().shape == value.shape:
+                var.set_value(value)
+            else:
+                var = LycorisScale(value)
+            scales[name] = var
+        self._scales = nnx.data(scales)
+
     def get_base_layer(self) -> nnx.Module:
         base = self.base_layer
         while isinstance(base, LycorisLayer):
@@ -192,6 +221,23 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
                 raise self._nonfinite_error(where, name)
         return kernel
 
+    def unmerge(self) -> None:
+        """Subtract merged adapters (LIFO); one merged by a traced safe merge that failed (its flag in
+        ``_merge_ok`` false) left the kernel unchanged and is not subtracted."""
+        flags = {name: var.get_value() for name, var in self._merge_ok.items()}
+        if not flags or not self.merged:
+            self._merge_ok = nnx.data({})
+            return super().unmerge()
+        kernel = self.get_base_layer().kernel[...]
+        for name in reversed(self.merged_adapters):
+            if name in self._available_adapters:
+                delta = self._kernel_layout().to_kernel(self.get_delta_weight(name))
+                unmerged = (kernel - delta).astype(kernel.dtype)
+                kernel = jnp.where(flags[name], unmerged, kernel) if name in flags else unmerged
+        self._set_base_weight(kernel)
+        self.merged_adapters = []
+        self._merge_ok = nnx.data({})
+
     def _kernel_layout(self) -> functional.KernelLayout:
         return getattr(self, "kernel_layout", None) or functional.KernelLayout(tuple(self.kernel.shape))
 
@@ -227,6 +273,13 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         return self._adapted_forward(x, *args, **kwargs)
+
+
+def _concrete_or_array(value: Any) -> Any:
+    """A concrete 0-d array as a Python float (what bookkeeping checks), anything else unchanged."""
+    if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and value.shape == ():
+        return float(value)
+    return value
 
 
 class _FactorizedLayer(LycorisLayer):

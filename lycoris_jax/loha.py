@@ -11,29 +11,32 @@ Pure ``jax.numpy``: jit-, grad- and vmap-friendly; gradients are exact for both 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from lycoris_jax.functional import scaled
+
 __all__ = ["delta_weight", "make_weight", "make_weight_cp"]
 
 
-def make_weight(w1_a: jax.Array, w1_b: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: float) -> jax.Array:
+def make_weight(w1_a: jax.Array, w1_b: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: Any) -> jax.Array:
     """``((w1_a @ w1_b) * (w2_a @ w2_b)) * scale``: ``(out, r) x (r, in')`` pairs -> ``(out, in')``."""
-    return ((w1_a @ w1_b) * (w2_a @ w2_b)) * scale
+    return scaled((w1_a @ w1_b) * (w2_a @ w2_b), scale)
 
 
 def make_weight_cp(
-    t1: jax.Array, w1_a: jax.Array, w1_b: jax.Array, t2: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: float
+    t1: jax.Array, w1_a: jax.Array, w1_b: jax.Array, t2: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: Any
 ) -> jax.Array:
     """CP/Tucker form: ``W_i[p, q, h, w] = Σ t_i[a, b, h, w] w_i_a[a, p] w_i_b[b, q]``; returns
     ``W_1 ⊙ W_2 · scale`` of shape ``(out, in, kh, kw)``."""
     rebuild1 = jnp.einsum("ijkl,jr,ip->prkl", t1, w1_b, w1_a)
     rebuild2 = jnp.einsum("ijkl,jr,ip->prkl", t2, w2_b, w2_a)
-    return rebuild1 * rebuild2 * scale
+    return scaled(rebuild1 * rebuild2, scale)
 
 
-def delta_weight(factors: Mapping[str, jax.Array], scale: float, weight_shape: Sequence[int]) -> jax.Array:
+def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Sequence[int]) -> jax.Array:
     """ΔW in the base weight's PyTorch layout ``weight_shape`` (C-order reshape), from factors
     keyed by PEFT's names (``hada_w1_a``, ..., optionally ``hada_t1``/``hada_t2``)."""
     f = factors

@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lycoris_core import factorization
+from lycoris_jax.functional import scaled
 
 __all__ = ["delta_weight", "factorization", "make_kron", "make_weight_cp"]
 
@@ -23,7 +25,7 @@ def make_weight_cp(t: jax.Array, wa: jax.Array, wb: jax.Array) -> jax.Array:
     return jnp.einsum("ijkl,ip,jr->prkl", t, wa, wb)
 
 
-def make_kron(w1: jax.Array, w2: jax.Array, scale: float = 1.0) -> jax.Array:
+def make_kron(w1: jax.Array, w2: jax.Array, scale: Any = 1.0) -> jax.Array:
     """``kron(W1, W2) * scale``; a 4-D ``W2`` gets ``W1`` expanded to ``(a, c, 1, 1)``.
 
     A 3-D ``W2`` (Conv1d, full ``lokr_w2 (b, d, k)``) is *not* expanded: ``jnp.kron`` pads
@@ -32,10 +34,10 @@ def make_kron(w1: jax.Array, w2: jax.Array, scale: float = 1.0) -> jax.Array:
     """
     if w2.ndim == 4:
         w1 = w1[:, :, None, None]
-    return jnp.kron(w1, w2) * scale
+    return scaled(jnp.kron(w1, w2), scale)
 
 
-def delta_weight(factors: Mapping[str, jax.Array], scale: float, weight_shape: Sequence[int]) -> jax.Array:
+def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Sequence[int]) -> jax.Array:
     """ΔW in the base weight's PyTorch layout ``weight_shape``, from factors keyed by PEFT's names."""
     f = factors
     w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]

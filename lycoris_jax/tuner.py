@@ -10,8 +10,9 @@ Module names are the dotted graph paths (attribute names, list indices and dict 
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -244,6 +245,42 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
 
         return fill
 
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> jax.Array | None:
+        """Merge adapters into every layer's kernel (PEFT's ``merge_adapter``).
+
+        ``safe_merge`` outside ``jax.jit`` raises on NaN/±inf before any kernel changes. Under ``jax.jit``
+        (kernels traced) there is nothing to raise on: the check becomes a returned flag with the same
+        all-or-nothing rule: every kernel changes if all merged kernels are finite, none otherwise, and
+        ``unmerge_adapter`` then subtracts only what was added. Returns that flag (``None`` otherwise).
+        """
+        traced = any(isinstance(layer.kernel[...], jax.core.Tracer) for _, layer in self._lycoris_layers())
+        if not safe_merge or not traced:
+            return super().merge_adapter(adapter_names, safe_merge)
+        staged = []
+        for _, layer in self._lycoris_layers():
+            if names := layer._merge_names(adapter_names):
+                staged.append((layer, names, layer._merged_weight(names)))
+        ok = jnp.array(True)
+        for *_, weight in staged:
+            ok = ok & jnp.isfinite(weight).all()
+        for layer, names, weight in staged:
+            layer._set_base_weight(jnp.where(ok, weight, layer.kernel[...]))
+            layer.merged_adapters = [*layer.merged_adapters, *names]
+            layer._merge_ok = nnx.data({**layer._merge_ok, **{n: nnx.Variable(ok) for n in names}})
+        return ok
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts: trainable are :meth:`trainable_filter`'s factors;
+        total every ``nnx.Param`` (base and adapters). Shapes suffice (an ``nnx.eval_shape`` tuner)."""
+        count = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))  # noqa: E731
+        return count(nnx.state(self, self.trainable_filter())), count(nnx.state(self, nnx.Param))
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
     def trainable_filter(self) -> nnx.filterlib.Filter:
         """An NNX filter for the factors that should train: active adapters not in inference mode.
 
@@ -264,7 +301,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
                 _set_child(self._node(path[:-1]), path[-1], module.get_base_layer())
 
     def _factor_tensors(self, layer: LycorisLayer, adapter_name: str) -> dict[str, jax.Array]:
-        return {name: param[...] for name, param in layer.factors[adapter_name].items()}
+        return {name: param.get_value() for name, param in layer.factors[adapter_name].items()}
 
     @staticmethod
     def _read_state(path: str) -> dict[str, jax.Array]:
