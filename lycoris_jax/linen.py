@@ -159,6 +159,7 @@ def adapt(
     example_args: tuple = (),
     example_kwargs: Mapping[str, Any] | None = None,
     rename: pytree.Rename = None,
+    stacks: Sequence[str] = (),
     **options: Any,
 ) -> tuple[LycorisModule, dict]:
     """``(wrapped module, factors collection)`` for the targeted kernels of ``params`` (initialised
@@ -168,7 +169,14 @@ def adapt(
     ``collection``)."""
     kinds = _kinds(module, params, config, kinds, example_args, example_kwargs, rename)
     adapter = pytree.init(
-        params, config, key=key, adapter_name=adapter_name, kinds=kinds, output_modules=output_modules, rename=rename
+        params,
+        config,
+        key=key,
+        adapter_name=adapter_name,
+        kinds=kinds,
+        output_modules=output_modules,
+        rename=rename,
+        stacks=stacks,
     )
     return wrap(module, adapter, **options), collection_of(adapter)
 

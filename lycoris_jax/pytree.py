@@ -34,7 +34,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,13 @@ class Target:
     layout: functional.KernelLayout | None = None
     #: The module's path in the params tree (its name in PEFT's files may differ: ``rename``).
     path: tuple[str, ...] = ()
+    #: A stacked kernel (leading layer axis, ``stacks``): per layer ``(module name, plan)``, or ``None``
+    #: for a layer the config does not target (its factors stay zero, its scale 0). Empty otherwise.
+    layers: tuple[tuple[str, AdapterPlan] | None, ...] = ()
+
+    def module_plans(self, name: str) -> dict[str, AdapterPlan]:
+        """``{module name: plan}`` as PEFT sees them: one per targeted layer of a stack."""
+        return {entry[0]: entry[1] for entry in self.layers if entry} if self.layers else {name: self.plan}
 
 
 @functools.partial(
@@ -109,13 +116,22 @@ class Adapter:
 
     @property
     def plans(self) -> dict[str, AdapterPlan]:
-        return {module: target.plan for module, target in self.targets}
+        """``{module name: plan}`` as PEFT names them (a stack's targeted layers one by one)."""
+        return {name: plan for module, target in self.targets for name, plan in target.module_plans(module).items()}
 
     def state_dict(self) -> dict[str, jax.Array]:
-        """The factors under PEFT's checkpoint keys (``base_model.model.<module>.<factor>``)."""
-        return {
-            checkpoint_key(m, name): value for m, factors in self.factors.items() for name, value in factors.items()
-        }
+        """The factors under PEFT's checkpoint keys (``base_model.model.<module>.<factor>``); a stack's
+        factors one key per targeted layer (``...layers.<i>.q_proj.lokr_w1``)."""
+        out = {}
+        for module, target in self.targets:
+            factors = self.factors[module]
+            if not target.layers:
+                out.update({checkpoint_key(module, name): value for name, value in factors.items()})
+                continue
+            for i, entry in enumerate(target.layers):
+                if entry is not None:
+                    out.update({checkpoint_key(entry[0], name): value[i] for name, value in factors.items()})
+        return out
 
 
 # ---------------------------------------------------------------- finding kernels
@@ -148,22 +164,58 @@ def _renamer(rename: Rename) -> Callable[[str], str]:
     return rename
 
 
-def _kernels(params: Any, rename: Rename = None) -> dict[str, tuple[str, Any, tuple[str, ...]]]:
-    """``{module name: (leaf name, array, module path)}`` for every ``kernel`` leaf and every ``weight``
-    of >= 2 dims; the name is ``rename`` of the dotted path."""
+class _Kernel(NamedTuple):
+    """A module found in ``params``: its leaf name, array and path; for a stacked kernel the module
+    name of each layer (the layer axis leads the array)."""
+
+    leaf: str
+    array: Any
+    path: tuple[str, ...]
+    layers: tuple[str, ...] = ()
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """One layer's kernel shape."""
+        return tuple(self.array.shape[1:] if self.layers else self.array.shape)
+
+
+def _kernels(params: Any, rename: Rename = None, stacks: Sequence[str] = ()) -> dict[str, _Kernel]:
+    """``{module: _Kernel}`` for every ``kernel`` leaf and every ``weight`` of >= 2 dims; the name is
+    ``rename`` of the dotted path. Below a ``stacks`` prefix the leading axis is the layer axis: the
+    module is ``<stack>.*.<rest>`` and layer ``i`` is named ``rename("<stack>.<i>.<rest>")``."""
     to_name = _renamer(rename)
-    found: dict[str, tuple[str, Any, tuple[str, ...]]] = {}
+    prefixes = [tuple(stack.split(".")) for stack in stacks]
+    found: dict[str, _Kernel] = {}
+    sizes: dict[tuple[str, ...], tuple[int, str]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = _leaf_names(path)
         ndim = getattr(leaf, "ndim", 0)
         if not names or names[-1] not in ("kernel", "weight") or (names[-1] == "weight" and ndim < 2):
             continue
-        module = to_name(".".join(names[:-1]))
+        module_path = names[:-1]
+        stack = next((p for p in prefixes if module_path[: len(p)] == p and len(module_path) > len(p)), None)
+        if stack is None:
+            module, layers = to_name(".".join(module_path)), ()
+        else:
+            rest, where = module_path[len(stack) :], ".".join(names)
+            if ndim < 3:
+                raise ValueError(f"{where}: a {ndim}-D kernel under the stack {'.'.join(stack)!r} has no layer axis")
+            size, first = sizes.setdefault(stack, (leaf.shape[0], where))
+            if leaf.shape[0] != size:
+                raise ValueError(
+                    f"stack {'.'.join(stack)!r}: its kernels must share the leading layer axis, "
+                    f"got {size} for {first} and {leaf.shape[0]} for {where}"
+                )
+            module = ".".join((*stack, "*", *rest))
+            layers = tuple(to_name(".".join((*stack, str(i), *rest))) for i in range(size))
         if module in found:
             raise ValueError(
-                f"{module}: two kernels have this name ({'.'.join(found[module][2])} and {'.'.join(names[:-1])})"
+                f"{module}: two kernels have this name ({'.'.join(found[module].path)} and {'.'.join(module_path)})"
             )
-        found[module] = (names[-1], leaf, names[:-1])
+        found[module] = _Kernel(names[-1], leaf, module_path, layers)
+    empty = [".".join(p) for p in prefixes if p not in sizes]
+    if empty:
+        raise ValueError(f"stacks: {empty} hold no kernel of params")
     return found
 
 
@@ -221,35 +273,60 @@ def _targets(
     kinds: Mapping[str, KindSpec] | None,
     output_modules: Sequence[str],
     rename: Rename = None,
+    stacks: Sequence[str] = (),
 ) -> dict[str, Target]:
-    """Match the config's targets against the modules of ``params`` and plan each (no arrays made)."""
+    """Match the config's targets against the modules of ``params`` (a stack's layers one by one,
+    as PEFT sees the unstacked model) and plan each (no arrays made)."""
     if not isinstance(config, LycorisConfig) or config.peft_type not in _DELTA:
         raise TypeError(f"config: expected a LoHaConfig or LoKrConfig, got {type(config).__name__}")
     if config.modules_to_save:
         raise ValueError(f"modules_to_save={config.modules_to_save}: not supported by the pytree API")
-    kernels, kinds = _kernels(params, rename), kinds or {}
-    linear = [m for m, (_, a, _) in kernels.items() if a.ndim == 2 or isinstance(_spec(m, kinds), tuple)]
+    kernels, kinds = _kernels(params, rename, stacks), kinds or {}
+    ndim = {name: len(k.layer_shape) for m, k in kernels.items() for name in (k.layers or (m,))}
+    linear = [m for m, n in ndim.items() if n == 2 or isinstance(_spec(m, kinds), tuple)]
     targets_all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
-    unknown = [m for m, (leaf, a, _) in kernels.items() if leaf == "kernel" and a.ndim == 3 and _spec(m, kinds) is None]
+    unknown = [
+        m
+        for m, k in kernels.items()
+        for name in (k.layers or (m,))
+        if k.leaf == "kernel" and ndim[name] == 3
+        if _spec(name, kinds) is None
+    ]
     if targets_all_linear and unknown:
         warnings.warn(
             f"target_modules='all-linear' leaves out 3-D kernels that may be DenseGeneral/Einsum layers: {unknown}; "
-            "describe them with kinds={name: (in_axes, out_axes)} to include them",
+            "describe them with kinds={name: (in_axes, out_axes)} (or name their stack in stacks=) to include them",
             UserWarning,
             stacklevel=3,
         )
     match = match_targets(
-        config, list(kernels), linear_names=linear, output_names=[m for m in kernels if m in output_modules]
+        config, list(ndim), linear_names=linear, output_names=[m for m in ndim if m in output_modules]
     )
+    targeted = set(match.targeted)
     targets = {}
-    for module in match.targeted:
-        leaf, array, path = kernels[module]
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise TypeError(f"{module}.{leaf}: expected a floating-point kernel, got {array.dtype}")
-        kind, layout = _layout(module, leaf, tuple(array.shape), kinds)
-        r, alpha = resolve_rank_alpha(config, module)
-        plan = plan_adapter(_layer_shape(kind, leaf, tuple(array.shape), layout), r, alpha, config, where=module)
-        targets[module] = Target(leaf, plan, layout, path)
+    for module, k in kernels.items():
+        chosen = [name for name in (k.layers or (module,)) if name in targeted]
+        if not chosen:
+            continue
+        if not jnp.issubdtype(k.array.dtype, jnp.floating):
+            raise TypeError(f"{module}.{k.leaf}: expected a floating-point kernel, got {k.array.dtype}")
+        planned = {}
+        for name in chosen:
+            kind, layout = _layout(name, k.leaf, k.layer_shape, kinds)
+            r, alpha = resolve_rank_alpha(config, name)
+            shape = _layer_shape(kind, k.leaf, k.layer_shape, layout)
+            planned[name] = (plan_adapter(shape, r, alpha, config, where=name), layout)
+        plan, layout = planned[chosen[0]]
+        if k.layers:
+            odd = [n for n in chosen if planned[n][0].factors != plan.factors or planned[n][1] != layout]
+            if odd:
+                raise ValueError(
+                    f"{module}: the layers of one stack need one factor shape, but {chosen[0]} (r={plan.r}, "
+                    f"{plan.factor_shapes}) and {odd[0]} (r={planned[odd[0]][0].r}, {planned[odd[0]][0].factor_shapes}) "
+                    "differ; make rank_pattern (and kinds) agree across the stack's layers (alpha may differ)"
+                )
+        layers = tuple((n, planned[n][0]) if n in planned else None for n in k.layers)
+        targets[module] = Target(k.leaf, plan, layout, k.path, layers)
     return targets
 
 
@@ -268,6 +345,7 @@ def init(
     output_modules: Sequence[str] = ("lm_head",),
     autocast_adapter_dtype: bool = True,
     rename: Rename = None,
+    stacks: Sequence[str] = (),
 ) -> Adapter:
     """Plan and initialise adapters for the targeted kernels of ``params`` (PEFT's initialisation:
     zeros or PyTorch's Kaiming uniform, one key per module from ``key``).
@@ -276,31 +354,59 @@ def init(
     the kernel's rank is ambiguous, or to ``(in_axes, out_axes)`` for a ``DenseGeneral``/``Einsum``
     kernel (the Linear it equals: input and output axes each flattened in C order); ``output_modules`` are left out of ``"all-linear"`` (PEFT's
     output embedding); ``rename`` maps module paths to the names PEFT's files use where they differ
-    (diffusers' Flax ``down_blocks_0`` is torch's ``down_blocks.0``). Factors are float32 for a
-    bf16/fp16 base (PEFT's autocast), else the base dtype.
+    (diffusers' Flax ``down_blocks_0`` is torch's ``down_blocks.0``). ``stacks`` names the module
+    paths of scanned layer stacks (``"model.layers"``): kernels below one carry a leading layer axis,
+    layer ``i`` is the module ``model.layers.<i>...`` for every config field and checkpoint key, and
+    its factors are stacked on that axis. Factors are float32 for a bf16/fp16 base (PEFT's
+    autocast), else the base dtype; keys per module are drawn as on the unstacked model.
     """
     check_adapter_name(adapter_name)
-    targets = _targets(params, config, kinds, output_modules, rename)
-    kernels = _kernels(params, rename)
+    targets = _targets(params, config, kinds, output_modules, rename, stacks)
+    kernels = _kernels(params, rename, stacks)
+    per_layer = sorted(name for module, target in targets.items() for name in target.module_plans(module))
+    keys = dict(zip(per_layer, jax.random.split(key, len(per_layer)), strict=True))  # as on the unstacked model
     factors = {}
-    for module, k in zip(sorted(targets), jax.random.split(key, len(targets)), strict=True):
-        kernel_dtype = kernels[module][1].dtype
-        keys = iter(jax.random.split(k, len(targets[module].plan.factors)))
-        factors[module] = functional.init_factors(
-            lambda keys=keys: next(keys),
-            targets[module].plan,
-            functional.adapter_dtype(kernel_dtype, autocast_adapter_dtype),
-            kernel_dtype,
-        )
+    for module, target in targets.items():
+        kernel_dtype = kernels[module].array.dtype
+        dtype = functional.adapter_dtype(kernel_dtype, autocast_adapter_dtype)
+
+        def one(name: str, plan: AdapterPlan, kernel_dtype: Any = kernel_dtype, dtype: Any = dtype) -> dict:
+            split = iter(jax.random.split(keys[name], len(plan.factors)))
+            return functional.init_factors(lambda: next(split), plan, dtype, kernel_dtype)
+
+        if not target.layers:
+            factors[module] = one(module, target.plan)
+            continue
+        zeros = {name: jnp.zeros(shape, dtype) for name, shape in target.plan.factor_shapes.items()}
+        per = [one(*entry) if entry else zeros for entry in target.layers]
+        factors[module] = {name: jnp.stack([p[name] for p in per]) for name in zeros}
     return _adapter(factors, targets, config, adapter_name)
 
 
 def delta_weight(adapter: Adapter, module: str, *, scale: Any = 1.0, key: jax.Array | None = None) -> jax.Array:
     """ΔW of one module in its kernel's own layout, scaled by ``scale * alpha / r``; with ``key``,
-    rank dropout (rows of ΔW) and module dropout (all of ΔW) as in PEFT's training forward."""
+    rank dropout (rows of ΔW) and module dropout (all of ΔW) as in PEFT's training forward. A stack's
+    ΔW is stacked like its kernel (layers the config leaves out get zeros)."""
     target = dict(adapter.targets)[module]
+    factors = adapter.factors[module]
+    if not target.layers:
+        return _delta(target, factors, scale * target.plan.scaling, key)
+    per_layer = [entry[1].scaling if entry else 0.0 for entry in target.layers]
+    scalings = (
+        jnp.asarray([scale * s for s in per_layer], jnp.result_type(float))
+        if isinstance(scale, (int, float))
+        else scale * jnp.asarray(per_layer, jnp.result_type(float))
+    )
+    if key is None:
+        return jax.vmap(lambda f, s: _delta(target, f, s, None))(factors, scalings)
+    keys = jax.random.split(key, len(target.layers))
+    return jax.vmap(lambda f, s, k: _delta(target, f, s, k))(factors, scalings, keys)
+
+
+def _delta(target: Target, factors: Mapping[str, jax.Array], scaling: Any, key: jax.Array | None) -> jax.Array:
+    """One layer's ΔW at ``scaling`` (``alpha / r`` times the user's scale) in the kernel's layout."""
     plan = target.plan
-    delta = _DELTA[plan.peft_type](adapter.factors[module], scale * plan.scaling, plan.weight_shape)
+    delta = _DELTA[plan.peft_type](factors, scaling, plan.weight_shape)
     if key is not None and (plan.rank_dropout or plan.module_dropout):
         rank_key, module_key = jax.random.split(key)
         if plan.rank_dropout:
@@ -340,7 +446,7 @@ def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | N
             )
         return (leaf + delta).astype(leaf.dtype)
 
-    present = {path for _, _, path in _kernels(params).values()}
+    present = {k.path for k in _kernels(params).values()}
     missing = sorted(module for module, target in adapter.targets if target.path not in present)
     if missing:
         raise ValueError(f"the adapter targets modules these params lack: {missing}")
@@ -372,6 +478,7 @@ def from_pretrained(
     autocast_adapter_dtype: bool = True,
     allow_nonfinite: bool = False,
     rename: Rename = None,
+    stacks: Sequence[str] = (),
 ) -> Adapter:
     """Load a PEFT adapter directory for ``params`` (e.g. one PEFT saved for the torch twin).
 
@@ -387,23 +494,29 @@ def from_pretrained(
     names = LOHA_FACTORS if config.peft_type == "LOHA" else LOKR_FACTORS
     tensors = read_checkpoint(files, names, load_file, lambda t: bool(jnp.isfinite(t).all()), allow_nonfinite)
     try:
-        targets = _targets(params, config, kinds, output_modules, rename)
+        targets = _targets(params, config, kinds, output_modules, rename, stacks)
     except NoMatchingModuleError as err:
         raise NoMatchingModuleError(f"{os.fspath(directory)}: the adapter's config: {err}") from None
-    kernels = _kernels(params, rename)
+    kernels = _kernels(params, rename, stacks)
+    plans = {name: plan for module, target in targets.items() for name, plan in target.module_plans(module).items()}
+    every = [name for module, k in kernels.items() for name in (k.layers or (module,))]
     try:
-        by_module, other = check_checkpoint(
-            {m: t.plan for m, t in targets.items()}, {k: tuple(v.shape) for k, v in tensors.items()}, names, kernels
-        )
+        by_module, other = check_checkpoint(plans, {k: tuple(v.shape) for k, v in tensors.items()}, names, every)
     except ValueError as err:
         raise CheckpointError(files.weights, str(err)) from None
     if other:
         raise CheckpointError(files.weights, f"keys that are no {config.peft_type} factors: {sorted(other.values())}")
-    factors = {
-        module: {
-            name: jnp.asarray(tensors[key], functional.adapter_dtype(kernels[module][1].dtype, autocast_adapter_dtype))
-            for name, key in by_module[module].items()
-        }
-        for module in targets
-    }
+    factors = {}
+    for module, target in targets.items():
+        dtype = functional.adapter_dtype(kernels[module].array.dtype, autocast_adapter_dtype)
+
+        def values(name: str, dtype: Any = dtype) -> dict[str, jax.Array]:
+            return {factor: jnp.asarray(tensors[key], dtype) for factor, key in by_module[name].items()}
+
+        if not target.layers:
+            factors[module] = values(module)
+            continue
+        zeros = {name: jnp.zeros(shape, dtype) for name, shape in target.plan.factor_shapes.items()}
+        per = [values(entry[0]) if entry else zeros for entry in target.layers]
+        factors[module] = {name: jnp.stack([p[name] for p in per]) for name in zeros}
     return _adapter(factors, targets, config, adapter_name)

@@ -1,0 +1,171 @@
+"""Scanned layer stacks: per-layer adapters stacked on the kernels' layer axis.
+
+The same 4-block model three ways: a torch ``ModuleList`` (PEFT's view: ``layers.<i>.attn.q``), an
+unrolled params tree (``layers.<i>...``) and a stacked one (``layers`` kernels ``(4, in, out)``,
+applied with ``jax.lax.scan``). Stacked adapters must equal the unrolled ones factor for factor, the
+scan must equal the loop, and PEFT's files must move between the stacked model and torch both ways.
+fp32 tolerance: 1e-5 abs on outputs of magnitude ~1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+import lycoris_jax as lj
+import lycoris_torch as lt
+from lycoris_jax import pytree
+
+L, D = 4, 16
+ATOL = 1e-5
+X = np.random.default_rng(0).standard_normal((3, D)).astype(np.float32)
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.Module()
+        self.attn.q = torch.nn.Linear(D, D)
+        self.mlp = torch.nn.Linear(D, D)
+
+    def forward(self, x):
+        x = x + torch.tanh(self.attn.q(x))
+        return x + self.mlp(x)
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Block() for _ in range(L)])
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def torch_net() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def unrolled_params(net: Net) -> dict:
+    def linear(m):
+        return {"kernel": jnp.asarray(m.weight.detach().numpy().T), "bias": jnp.asarray(m.bias.detach().numpy())}
+
+    return {
+        "layers": {str(i): {"attn": {"q": linear(b.attn.q)}, "mlp": linear(b.mlp)} for i, b in enumerate(net.layers)}
+    }
+
+
+def stacked_params(net: Net) -> dict:
+    per = [unrolled_params(net)["layers"][str(i)] for i in range(L)]
+    return {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *per)}
+
+
+def block(p, x):
+    x = x + jnp.tanh(x @ p["attn"]["q"]["kernel"] + p["attn"]["q"]["bias"])
+    return x + x @ p["mlp"]["kernel"] + p["mlp"]["bias"]
+
+
+@jax.jit
+def run_scan(params, x):
+    return jax.lax.scan(lambda h, p: (block(p, h), None), x, params["layers"])[0]
+
+
+@jax.jit
+def run_loop(params, x):
+    for i in range(L):
+        x = block(params["layers"][str(i)], x)
+    return x
+
+
+def torch_out(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(X)).numpy()
+
+
+def config(kind: str, **kw):
+    return (lj.LoKrConfig if kind == "lokr" else lj.LoHaConfig)(
+        r=2, alpha=4, target_modules=["q", "mlp"], init_weights=False, **kw
+    )
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_stacked_adapters_equal_the_unrolled_ones(kind):
+    net = torch_net()
+    cfg = config(kind, layers_to_transform=[0, 2, 3], layers_pattern="layers", alpha_pattern={"layers.2.mlp": 16})
+    stacked = pytree.init(stacked_params(net), cfg, key=jax.random.key(0), stacks=["layers"])
+    unrolled = pytree.init(unrolled_params(net), cfg, key=jax.random.key(0))
+    assert stacked.plans.keys() == unrolled.plans.keys()  # PEFT's names: layers.<i>.attn.q, ...
+    assert "layers.1.mlp" not in stacked.plans
+    assert sorted(stacked.factors) == ["layers.*.attn.q", "layers.*.mlp"]
+    for name, value in unrolled.state_dict().items():  # same values under the same keys
+        np.testing.assert_array_equal(stacked.state_dict()[name], value)
+    assert stacked.state_dict().keys() == unrolled.state_dict().keys()
+    scan = run_scan(pytree.merge(stacked_params(net), stacked), X)
+    loop = run_loop(pytree.merge(unrolled_params(net), unrolled), X)
+    np.testing.assert_allclose(scan, loop, atol=ATOL)
+    # the untargeted layer's kernel is untouched; the stacked ΔW is zero there
+    merged = pytree.merge(stacked_params(net), stacked)["layers"]["mlp"]["kernel"]
+    np.testing.assert_array_equal(merged[1], stacked_params(net)["layers"]["mlp"]["kernel"][1])
+    grads = jax.grad(lambda a: run_scan(pytree.merge(stacked_params(net), a), X).sum())(stacked)
+    assert not np.any(grads.factors["layers.*.mlp"]["lokr_w1" if kind == "lokr" else "hada_w1_a"][1])
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_peft_files_move_between_the_stacked_model_and_torch(tmp_path, kind):
+    net = torch_net()
+    params = stacked_params(net)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(
+        torch_net(),
+        (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(**config(kind).to_dict() | {"peft_type": None}),
+    ).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = pytree.from_pretrained(tmp_path / "peft", params, stacks=["layers"])
+    np.testing.assert_allclose(run_scan(pytree.merge(params, loaded), X), torch_out(theirs), atol=ATOL)
+
+    ours = pytree.init(
+        params,
+        config(kind, layers_to_transform=[1, 3], layers_pattern="layers"),
+        key=jax.random.key(2),
+        stacks=["layers"],
+    )
+    pytree.save_pretrained(ours, tmp_path / "ours")
+    mine = np.asarray(run_scan(pytree.merge(params, ours), X))
+    np.testing.assert_allclose(
+        torch_out(peft.PeftModel.from_pretrained(torch_net(), tmp_path / "ours")), mine, atol=ATOL
+    )
+    np.testing.assert_allclose(
+        torch_out(lt.LycorisTuner.from_pretrained(torch_net(), tmp_path / "ours")), mine, atol=ATOL
+    )
+    again = pytree.from_pretrained(tmp_path / "ours", params, stacks=["layers"])
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stack_errors_name_the_pattern_and_the_layers():
+    params = stacked_params(torch_net())
+    with pytest.raises(
+        ValueError,
+        match=r"layers\.\*\.mlp: the layers of one stack need one factor shape, but "
+        r"layers\.0\.mlp \(r=2.*layers\.2\.mlp \(r=4",
+    ):
+        pytree.init(params, config("loha", rank_pattern={"layers.2.mlp": 4}), key=jax.random.key(0), stacks=["layers"])
+    # LoKr here keeps full factors for r=2 and r=4 alike: one shape, so a rank pattern is fine
+    pytree.init(params, config("lokr", rank_pattern={"layers.2.mlp": 4}), key=jax.random.key(0), stacks=["layers"])
+    with pytest.raises(ValueError, match=r"stacks: \['blocks'\] hold no kernel"):
+        pytree.init(params, config("lokr"), key=jax.random.key(0), stacks=["blocks"])
+    ragged = jax.tree.map(lambda x: x, params)
+    ragged["layers"]["mlp"]["kernel"] = ragged["layers"]["mlp"]["kernel"][:3]
+    with pytest.raises(
+        ValueError, match=r"stack 'layers': its kernels must share the leading layer axis, got 4 .* and 3"
+    ):
+        pytree.init(ragged, config("lokr"), key=jax.random.key(0), stacks=["layers"])
+    with pytest.raises(ValueError, match="could be a Conv1d, a DenseGeneral or a stack of layers"):
+        pytree.init(params, config("lokr"), key=jax.random.key(0))  # a stack is never guessed
