@@ -491,13 +491,18 @@ class TunerBookkeeping:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         tensors = {
-            checkpoint_key(key, name): value
+            checkpoint_key(module, name): value
             for key, layer in self._lycoris_layers()
             if adapter_name in layer.plans
-            for name, value in self._factor_tensors(layer, adapter_name).items()
+            for module, factors in self._module_factors(key, layer, adapter_name).items()
+            for name, value in factors.items()
         }
         tensors.update(self._extra_state(adapter_name))
         return tensors
+
+    def _module_factors(self, key: str, layer: Any, adapter_name: str) -> dict[str, dict[str, Any]]:
+        """``{module name: {factor: tensor}}`` a layer saves (the JAX twin splits a layer stack)."""
+        return {key: self._factor_tensors(layer, adapter_name)}
 
     def _extra_state(self, adapter_name: str) -> dict[str, Any]:
         return {}

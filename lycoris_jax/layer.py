@@ -53,9 +53,10 @@ class LycorisScale(nnx.Variable):
     (not an ``nnx.Param``); ``nnx.state(model, LycorisScale)`` selects every scale."""
 
 
-def kernel_layout_of(module: Any, where: str = "") -> functional.KernelLayout:
-    """How a supported layer's kernel holds PEFT's PyTorch weight (see ``functional.KernelLayout``)."""
-    shape = tuple(module.kernel.shape)
+def kernel_layout_of(module: Any, where: str = "", *, stacked: bool = False) -> functional.KernelLayout:
+    """How a supported layer's kernel holds PEFT's PyTorch weight (see ``functional.KernelLayout``);
+    ``stacked``: the kernel has a leading layer axis (a scanned stack) and the layout is one layer's."""
+    shape = tuple(module.kernel.shape)[1 if stacked else 0 :]
     if isinstance(module, nnx.LinearGeneral):
         if module.batch_axis:
             raise TypeError(f"{where or 'LinearGeneral'}: batch_axis {dict(module.batch_axis)} is not supported")
@@ -66,13 +67,13 @@ def kernel_layout_of(module: Any, where: str = "") -> functional.KernelLayout:
     return functional.KernelLayout(shape)
 
 
-def layer_shape_of(module: Any, where: str = "") -> LayerShape:
+def layer_shape_of(module: Any, where: str = "", *, stacked: bool = False) -> LayerShape:
     """The plan's view of a supported base layer; ``TypeError`` listing the supported types otherwise.
     ``nnx.LinearGeneral``/``nnx.Einsum`` are the ``nn.Linear`` they equal (``KernelLayout``)."""
     if isinstance(module, nnx.Linear):
         return LayerShape("linear", module.out_features, module.in_features)
     if isinstance(module, (nnx.LinearGeneral, nnx.Einsum)):
-        return LayerShape("linear", *kernel_layout_of(module, where).linear_features)
+        return LayerShape("linear", *kernel_layout_of(module, where, stacked=stacked).linear_features)
     if isinstance(module, nnx.Conv) and len(module.kernel_size) in (1, 2):
         groups = module.feature_group_count
         kind = "conv1d" if len(module.kernel_size) == 1 else "conv2d"
@@ -153,8 +154,13 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         """``{adapter: scale}``: Python floats where the values are concrete, arrays while traced."""
         return {name: _concrete_or_array(var.get_value()) for name, var in self._scales.items()}
 
-    @scaling.setter
-    def scaling(self, values: dict[str, Any]) -> None:
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "scaling":  # before NNX's static-attribute check: the values may be arrays
+            self._set_scaling(value)
+        else:
+            super().__setattr__(name, value)
+
+    def _set_scaling(self, values: dict[str, Any]) -> None:
         """Replace the scales; an existing variable keeps its identity (and its place under ``nnx.jit``)."""
         scales = {}
         for name, value in values.items():
@@ -185,6 +191,8 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
 
     def _params_key(self) -> jax.Array:
         try:
+            if getattr(self, "stack_size", 0):  # a stack's rngs are split per layer: one key each
+                return nnx.vmap(lambda rngs: rngs.params(), in_axes=0, out_axes=0)(self.rngs)
             return self.rngs.params()
         except AttributeError:
             raise ValueError(
@@ -215,8 +223,7 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         each adapter (PEFT's in-place ``W += ΔW``); ``check`` raises on NaN or ±inf."""
         kernel = self.get_base_layer().kernel[...]
         for name in names:
-            delta = self._kernel_layout().to_kernel(self.get_delta_weight(name))
-            kernel = (kernel + sign * delta).astype(kernel.dtype)
+            kernel = (kernel + sign * self._kernel_delta(name)).astype(kernel.dtype)
             if check and not bool(jnp.isfinite(kernel).all()):
                 raise self._nonfinite_error(where, name)
         return kernel
@@ -231,12 +238,15 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         kernel = self.get_base_layer().kernel[...]
         for name in reversed(self.merged_adapters):
             if name in self._available_adapters:
-                delta = self._kernel_layout().to_kernel(self.get_delta_weight(name))
-                unmerged = (kernel - delta).astype(kernel.dtype)
+                unmerged = (kernel - self._kernel_delta(name)).astype(kernel.dtype)
                 kernel = jnp.where(flags[name], unmerged, kernel) if name in flags else unmerged
         self._set_base_weight(kernel)
         self.merged_adapters = []
         self._merge_ok = nnx.data({})
+
+    def _kernel_delta(self, name: str) -> jax.Array:
+        """ΔW of ``name`` in the kernel's layout (what merging adds to the kernel)."""
+        return self._kernel_layout().to_kernel(self.get_delta_weight(name))
 
     def _kernel_layout(self) -> functional.KernelLayout:
         return getattr(self, "kernel_layout", None) or functional.KernelLayout(tuple(self.kernel.shape))
@@ -301,14 +311,27 @@ class _FactorizedLayer(LycorisLayer):
         autocast_adapter_dtype: bool = True,
         module_path: str = "",
         initialize: bool = True,
+        layers: tuple[AdapterPlan | None, ...] | None = None,
     ) -> None:
-        super().__init__(base_layer, rngs=rngs, deterministic=deterministic)
-        self.layer_shape = layer_shape_of(self.get_base_layer(), module_path)
-        self.kernel_layout = kernel_layout_of(self.get_base_layer(), module_path)
+        stacked = layers is not None
+        #: A scanned stack's layer count (0: one layer). The kernel, factors and scales then carry a
+        #: leading layer axis that ``nnx.scan`` slices; plans, shapes and layouts are one layer's.
+        self.stack_size = len(layers) if stacked else 0
+        super().__init__(base_layer, rngs=rngs.split(len(layers)) if stacked else rngs, deterministic=deterministic)
+        self.layer_shape = layer_shape_of(self.get_base_layer(), module_path, stacked=stacked)
+        self.kernel_layout = kernel_layout_of(self.get_base_layer(), module_path, stacked=stacked)
         self.module_path = module_path
+        #: ``{adapter: per-layer plans}`` of a stack (``None`` for a layer the config leaves out).
+        self.layer_plans: dict[str, tuple[AdapterPlan | None, ...]] = {}
         self._active_adapter = [adapter_name]
         self.update_layer(
-            adapter_name, r, alpha, config=config, autocast_adapter_dtype=autocast_adapter_dtype, initialize=initialize
+            adapter_name,
+            r,
+            alpha,
+            config=config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            initialize=initialize,
+            layers=layers,
         )
 
     @property
@@ -348,14 +371,66 @@ class _FactorizedLayer(LycorisLayer):
         initialize: bool = True,
         **kwargs: Any,
     ) -> None:
-        """Plan and create ``adapter_name``; ``initialize=False`` leaves zeros (values to be loaded)."""
-        plan = self.plan(r, alpha, config)
+        """Plan and create ``adapter_name``; ``initialize=False`` leaves zeros (values to be loaded).
+        A stack passes ``layers`` (per-layer plans, planned by the tuner) instead of ``r``/``alpha``."""
+        layers = kwargs.get("layers")
+        if self.stack_size and layers is None:
+            raise ValueError(f"{self.module_path}: a layer stack takes per-layer plans (layers=...)")
+        plan = next(p for p in layers if p is not None) if layers else self.plan(r, alpha, config)
         if plan.rank_dropout or plan.module_dropout:
             require_dropout_stream(self.rngs, self.module_path or type(self).__name__)
-        self.create_adapter_parameters(
-            adapter_name, r, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype, initialize=initialize
-        )
+        if layers:
+            self._create_stacked_factors(adapter_name, layers, autocast_adapter_dtype, initialize)
+        else:
+            self.create_adapter_parameters(
+                adapter_name, r, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype, initialize=initialize
+            )
         self._register_adapter(adapter_name, plan)
+        if layers:
+            self.layer_plans = {**self.layer_plans, adapter_name: tuple(layers)}
+            self.scaling = {**self.scaling, adapter_name: [p.scaling if p else 0.0 for p in layers]}
+
+    def _create_stacked_factors(
+        self, adapter_name: str, layers: tuple[AdapterPlan | None, ...], autocast: bool, initialize: bool
+    ) -> None:
+        """Each targeted layer's factors from its own key (``rngs.params()`` gives one per layer), zeros
+        for the others, stacked on the layer axis."""
+        kernel_dtype = self.get_base_layer().kernel.dtype
+        dtype = functional.adapter_dtype(kernel_dtype, autocast)
+        keys = self._params_key()  # one per layer
+        plan = next(p for p in layers if p is not None)
+        zeros = {name: jnp.zeros(shape, dtype) for name, shape in plan.factor_shapes.items()}
+        per = []
+        for key, layer_plan in zip(keys, layers, strict=True):
+            if layer_plan is None:
+                per.append(zeros)
+                continue
+            split = iter(jax.random.split(key, len(layer_plan.factors)))
+            per.append(functional.init_factors(split.__next__, layer_plan, dtype, kernel_dtype, initialize=initialize))
+        self.factors[adapter_name] = {name: LycorisParam(jnp.stack([p[name] for p in per])) for name in zeros}
+
+    def _rescaled(self, operation: str, *args: Any) -> dict[str, Any]:
+        """As for one layer; a stack's ``alpha / r`` is per layer (0 where the config leaves it out)."""
+        new = super()._rescaled(operation, *args)
+        for name, layers in self.layer_plans.items():
+            base = jnp.asarray([p.scaling if p else 0.0 for p in layers], jnp.result_type(float))
+            if operation == "set_scale" and args[0] == name:
+                new[name] = args[1] * base
+            elif operation == "unscale_layer" and args[0] is None and name in self.active_adapters:
+                new[name] = base
+        return new
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.layer_plans = {k: v for k, v in self.layer_plans.items() if k != adapter_name}
+        super().delete_adapter(adapter_name)
+
+    def _kernel_delta(self, name: str) -> jax.Array:
+        """ΔW in the kernel's layout; for a stack outside ``nnx.scan`` (merging), one per layer."""
+        if not self.stack_size or self.get_base_layer().kernel.ndim == len(self.kernel_layout.shape):
+            return super()._kernel_delta(name)
+        layout, weight_shape = self._kernel_layout(), self.layer_shape.weight_shape
+        per_layer = lambda f, s: layout.to_kernel(type(self).delta_fn(f, s, weight_shape))  # noqa: E731
+        return jax.vmap(per_layer)(self._factor_values(name), self.scaling[name])
 
     def get_delta_weight(
         self, adapter_name: str, *, apply_rank_dropout: bool = False, rank_dropout_mask: jax.Array | None = None

@@ -193,7 +193,7 @@ def _kernels(params: Any, rename: Rename = None, stacks: Sequence[str] = ()) -> 
         if not names or names[-1] not in ("kernel", "weight") or (names[-1] == "weight" and ndim < 2):
             continue
         module_path = names[:-1]
-        stack = next((p for p in prefixes if module_path[: len(p)] == p and len(module_path) > len(p)), None)
+        stack = next((p for p in prefixes if module_path[: len(p)] == p), None)
         if stack is None:
             module, layers = to_name(".".join(module_path)), ()
         else:

@@ -73,7 +73,6 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
     _registry: ClassVar[dict[str, type]] = {}
     _layer_base = LycorisLayer
     _linear_type = LINEAR_LAYERS
-    _layer_shape_of = staticmethod(layer_shape_of)
 
     def __init__(
         self,
@@ -84,13 +83,19 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         rngs: nnx.Rngs | None = None,
         autocast_adapter_dtype: bool = True,
         state_dict: Mapping[str, Any] | None = None,
+        stacks: Sequence[str] = (),
     ) -> None:
         """Inject ``adapter_name`` into ``model`` (in place) and make it active.
 
         ``rngs`` provides ``params`` keys for initialisation and ``dropout`` keys for rank and
         module dropout; default :func:`default_rngs`. ``state_dict`` optionally gives the factors'
-        values under PEFT checkpoint keys, checked against the planned shapes first.
+        values under PEFT checkpoint keys, checked against the planned shapes first. ``stacks`` names
+        the module paths of scanned layer stacks (built with ``nnx.vmap``, applied with ``nnx.scan``):
+        below ``"layers"``, the module ``layers.attn.q`` is the PEFT modules ``layers.<i>.attn.q``,
+        one per layer, for every config field and checkpoint key; its adapter is one layer whose
+        factors and scales carry the stack's leading layer axis.
         """
+        self.stacks = tuple(stacks)
         self.model = model
         self.rngs = rngs if rngs is not None else default_rngs()
         self.peft_config: dict[str, LycorisConfig] = {}
@@ -130,7 +135,47 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         return self._walk()[1]
 
     def _module_table(self) -> dict[str, nnx.Module]:
-        return {name: module for name, (_, module) in self._modules().items()}
+        """``{PEFT module name: module}``: a module in a stack appears once per layer."""
+        return {n: module for name, (_, module) in self._modules().items() for n in self._layer_names(name)}
+
+    def _stack_of(self, name: str) -> tuple[str, str] | None:
+        """``(stack, rest)`` for a module in one of ``stacks`` (``rest`` is empty for the stack itself)."""
+        for stack in self.stacks:
+            if name == stack or name.startswith(f"{stack}."):
+                return stack, name[len(stack) + 1 :]
+        return None
+
+    def _layer_names(self, name: str) -> tuple[str, ...]:
+        """The PEFT module names of the module ``name``: ``stack.<i>.rest`` per layer, or ``(name,)``."""
+        found = self._stack_of(name)
+        if found is None:
+            return (name,)
+        stack, rest = found
+        return tuple(".".join(filter(None, (stack, str(i), rest))) for i in range(self._stack_size(stack)))
+
+    def _stack_size(self, stack: str) -> int:
+        """The leading axis every parameter below ``stack`` shares (``nnx.vmap``'s layer axis)."""
+        node = self._modules().get(stack)
+        if node is None:
+            raise ValueError(f"stacks: the model has no module {stack!r}")
+        sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(nnx.state(node[1], nnx.Param))}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(
+                f"stacks: the parameters below {stack!r} must share one leading layer axis (an nnx.vmap-built "
+                f"stack), got leading sizes {sorted(sizes, key=str)}"
+            )
+        return sizes.pop()
+
+    def _layer_index(self, name: str) -> tuple[str, int | None]:
+        """``(module, layer)`` for a PEFT module name: ``layers.3.attn.q`` -> ``("layers.attn.q", 3)``."""
+        for stack in self.stacks:
+            head, _, tail = name.removeprefix(f"{stack}.").partition(".")
+            if name.startswith(f"{stack}.") and head.isdigit():
+                return ".".join(filter(None, (stack, tail))), int(head)
+        return name, None
+
+    def _layer_shape_of(self, module: Any, key: str) -> Any:
+        return layer_shape_of(module, key, stacked=self._layer_index(key)[1] is not None)
 
     def _lycoris_layers(self) -> Iterator[tuple[str, LycorisLayer]]:
         for name, (_, module) in self._modules().items():
@@ -158,6 +203,20 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         plans = super()._resolve_targets(config)
         if any(p is not None and (p.rank_dropout or p.module_dropout) for p in plans.values()):
             require_dropout_stream(self.rngs, f"{type(self).__name__}")
+        for stack in self.stacks:
+            self._stack_size(stack)  # the stack exists and has one layer axis
+        first: dict[str, str] = {}
+        for name, plan in plans.items():
+            module, index = self._layer_index(name)
+            if index is None:
+                continue
+            other = plans[first.setdefault(module, name)]
+            if plan is None or other is None or plan.factors != other.factors:
+                raise ValueError(
+                    f"{module}: the layers of one stack need one factor shape, but {first[module]} "
+                    f"(r={getattr(other, 'r', None)}) and {name} (r={getattr(plan, 'r', None)}) differ; make "
+                    "rank_pattern agree across the stack's layers (alpha may differ)"
+                )
         return plans
 
     def _linear_names(self, modules: Mapping[str, Any], config: LycorisConfig) -> list[str]:
@@ -203,14 +262,24 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         extra = {"deterministic": self._deterministic()}  # new layers join in the model's mode
         if fill is not None:
             extra["initialize"] = False
+        stacked: dict[str, dict[int, Any]] = {}
+        for name, plan in plans.items():
+            module, index = self._layer_index(name)
+            if index is not None:
+                stacked.setdefault(module, {})[index] = plan
         try:
-            for key in plans:
+            for key in dict.fromkeys(self._layer_index(name)[0] for name in plans):
                 path, target = modules[key]
                 parent = self._node(path[:-1])
                 if isinstance(target, LycorisLayer):
                     updated.append(target)  # before the call: a half-updated layer is rolled back too
                 else:
                     replaced.append((parent, path[-1], target))
+                if key in stacked:
+                    size = len(self._layer_names(key))
+                    extra["layers"] = tuple(stacked[key].get(i) for i in range(size))
+                else:
+                    extra.pop("layers", None)
                 self._create_and_replace(config, adapter_name, target, path[-1], parent, key, **extra)
             if fill is not None:
                 fill()
@@ -239,9 +308,10 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         def fill() -> None:
             table = self._module_table()
             for key, names in by_module.items():
-                params = table[key].factors[adapter_name]
+                params, index = table[key].factors[adapter_name], self._layer_index(key)[1]
                 for name, ckpt_key in names.items():
-                    params[name][...] = jnp.asarray(tensors[ckpt_key], params[name].dtype)
+                    value = jnp.asarray(tensors[ckpt_key], params[name].dtype)
+                    params[name][...] = value if index is None else params[name][...].at[index].set(value)
 
         return fill
 
@@ -300,6 +370,17 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
             if isinstance(module, LycorisLayer):
                 _set_child(self._node(path[:-1]), path[-1], module.get_base_layer())
 
+    def _module_factors(self, key: str, layer: LycorisLayer, adapter_name: str) -> dict[str, dict[str, Any]]:
+        """A stack saves one module per targeted layer (``layers.<i>.attn.q``), as PEFT names them."""
+        tensors = self._factor_tensors(layer, adapter_name)
+        layers = getattr(layer, "layer_plans", {}).get(adapter_name)
+        if layers is None:
+            return {key: tensors}
+        names = self._layer_names(key)
+        return {
+            names[i]: {f: _row(v, i) for f, v in tensors.items()} for i, plan in enumerate(layers) if plan is not None
+        }
+
     def _factor_tensors(self, layer: LycorisLayer, adapter_name: str) -> dict[str, jax.Array]:
         return {name: param.get_value() for name, param in layer.factors[adapter_name].items()}
 
@@ -314,6 +395,13 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
     @staticmethod
     def _all_finite(tensor: jax.Array) -> bool:
         return bool(jnp.isfinite(tensor).all())
+
+
+def _row(value: Any, i: int) -> Any:
+    """Layer ``i`` of a stacked factor (a shape for an ``nnx.eval_shape`` tuner)."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+    return value[i]
 
 
 class LoHaModel(LycorisTuner):

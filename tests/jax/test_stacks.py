@@ -12,9 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import pytest
 import torch
+from flax import nnx
 
 import lycoris_jax as lj
 import lycoris_torch as lt
@@ -169,3 +171,110 @@ def test_stack_errors_name_the_pattern_and_the_layers():
         pytree.init(ragged, config("lokr"), key=jax.random.key(0), stacks=["layers"])
     with pytest.raises(ValueError, match="could be a Conv1d, a DenseGeneral or a stack of layers"):
         pytree.init(params, config("lokr"), key=jax.random.key(0))  # a stack is never guessed
+
+
+# ---------------------------------------------------------------- NNX: nnx.vmap-built, nnx.scan-applied
+class Attn(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.q = nnx.Linear(D, D, rngs=rngs)
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.attn = Attn(rngs)
+        self.mlp = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + jnp.tanh(self.attn.q(x))
+        return x + self.mlp(x)
+
+
+class Scanned(nnx.Module):
+    """NNX's documented scan-over-layers pattern, holding ``torch_net()``'s weights."""
+
+    def __init__(self) -> None:
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return NNXBlock(rngs)
+
+        self.layers = create(nnx.Rngs(0))
+        params = stacked_params(torch_net())["layers"]
+        for layer, p in ((self.layers.attn.q, params["attn"]["q"]), (self.layers.mlp, params["mlp"])):
+            layer.kernel[...], layer.bias[...] = p["kernel"], p["bias"]
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(h, block):
+            return block(h)
+
+        return step(x, self.layers)
+
+
+@nnx.jit
+def nnx_forward(model, x):
+    return model(x)
+
+
+def test_nnx_scanned_model_holds_the_torch_weights():
+    np.testing.assert_allclose(nnx_forward(Scanned(), X), torch_out(torch_net()), atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_nnx_scanned_stack_both_ways_against_peft(tmp_path, kind):
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(
+        torch_net(),
+        (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(**config(kind).to_dict() | {"peft_type": None}),
+    ).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = lj.LycorisTuner.from_pretrained(Scanned(), tmp_path / "peft", stacks=["layers"])
+    assert (
+        loaded.model.layers.mlp.factors["default"][next(iter(loaded.model.layers.mlp.factors["default"]))].shape[0] == L
+    )
+    np.testing.assert_allclose(nnx_forward(loaded, X), torch_out(theirs), atol=ATOL)
+
+    cfg = config(kind, layers_to_transform=[0, 2, 3], layers_pattern="layers", alpha_pattern={"layers.2.mlp": 16})
+    tuner = (lj.LoKrModel if kind == "lokr" else lj.LoHaModel)(Scanned(), cfg, stacks=["layers"])
+    optimizer = nnx.Optimizer(tuner, optax.adam(1e-2), wrt=lj.LycorisParam)
+
+    @nnx.jit
+    def step(t, opt):
+        loss, grads = nnx.value_and_grad(lambda t: (t(X) ** 2).mean(), argnums=nnx.DiffState(0, lj.LycorisParam))(t)
+        opt.update(t, grads)
+        return loss
+
+    for _ in range(3):
+        step(tuner, optimizer)
+    assert not np.any(
+        tuner.model.layers.mlp.factors["default"][next(iter(tuner.model.layers.mlp.factors["default"]))][1]
+    )
+    tuner.save_pretrained(tmp_path / "ours")
+    assert all(".layers.1." not in k for k in tuner.adapter_state_dict())
+    mine = np.asarray(nnx_forward(tuner, X))
+    np.testing.assert_allclose(
+        torch_out(peft.PeftModel.from_pretrained(torch_net(), tmp_path / "ours")), mine, atol=ATOL
+    )
+    np.testing.assert_allclose(
+        torch_out(lt.LycorisTuner.from_pretrained(torch_net(), tmp_path / "ours")), mine, atol=ATOL
+    )
+
+    # merge/unmerge/scale on the stack
+    kernel = tuner.model.layers.mlp.kernel[...]
+    tuner.merge_adapter()
+    np.testing.assert_allclose(nnx_forward(tuner, X), mine, atol=ATOL)
+    tuner.unmerge_adapter()
+    np.testing.assert_allclose(tuner.model.layers.mlp.kernel[...], kernel, atol=1e-6)
+    tuner.set_scale("default", 0.5)
+    np.testing.assert_allclose(tuner.model.layers.mlp.scaling["default"], [1.0, 0.0, 4.0, 1.0])  # 0.5 * alpha / r
+    tuner.unscale_layer()
+    np.testing.assert_allclose(nnx_forward(tuner, X), mine, atol=ATOL)
+
+
+def test_nnx_stack_errors():
+    with pytest.raises(
+        ValueError, match=r"layers\.mlp: the layers of one stack need one factor shape, but layers\.0\.mlp"
+    ):
+        lj.LoHaModel(Scanned(), config("loha", rank_pattern={"layers.2.mlp": 4}), stacks=["layers"])
+    with pytest.raises(ValueError, match=r"stacks: the model has no module 'blocks'"):
+        lj.LoHaModel(Scanned(), config("loha"), stacks=["blocks"])
