@@ -16,17 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from lycoris_core import AdapterPlan, fan_in
+from lycoris_core.sharding import factor_specs
 
 __all__ = [
     "KernelLayout",
     "adapter_dtype",
     "apply_rank_dropout",
     "einsum_axes",
+    "factor_sharding",
     "forward_with_weight",
     "init_factors",
     "kaiming_uniform",
+    "kernel_spec",
     "rank_dropout_keep",
+    "rank_dropout_rows",
     "scaled",
+    "shard_like",
     "to_flax_kernel",
     "to_torch_layout",
 ]
@@ -50,10 +55,17 @@ def apply_rank_dropout(weight: jax.Array, keep: jax.Array, *, rescale: bool, mas
     ``rescale`` kept rows are divided by ``mean(keep)``; an all-dropped mask gives zeros (PEFT
     gives NaN; docs/DEVIATIONS.md). The result keeps ``weight``'s dtype.
     """
-    mask = keep.astype(mask_dtype or weight.dtype)
+    mask = rank_dropout_rows(keep, rescale=rescale, dtype=mask_dtype or weight.dtype)
+    return (weight * mask.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+
+
+def rank_dropout_rows(keep: jax.Array, *, rescale: bool, dtype: Any) -> jax.Array:
+    """The factor each output row of ΔW is multiplied by: ``keep`` as ``dtype``, divided by its mean
+    when ``rescale`` (an all-dropped mask stays zeros)."""
+    mask = keep.astype(dtype)
     if rescale:
         mask = mask / jnp.maximum(mask.mean(), jnp.finfo(mask.dtype).tiny)
-    return (weight * mask.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+    return mask
 
 
 def to_flax_kernel(weight: Any) -> Any:
@@ -176,4 +188,65 @@ def forward_with_weight(
     (e.g. ``out_sharding``) pass through.
     """
     kernel = layout.to_kernel(weight) if layout is not None else to_flax_kernel(weight)
+    kernel = shard_like(kernel, base_layer.kernel)
     return type(base_layer).__call__(_KernelView(base_layer, kernel), x, **kwargs)
+
+
+# ---------------------------------------------------------------- sharding
+def _mesh_for(variable: Any) -> Any:
+    """The mesh a kernel variable lives on: its metadata's, the current one, or its array's."""
+    mesh = variable.get_metadata().get("mesh")
+    if mesh is None and not jax.sharding.get_abstract_mesh().empty:
+        mesh = jax.sharding.get_abstract_mesh()
+    sharding = getattr(variable.get_value(), "sharding", None)
+    if mesh is None and isinstance(sharding, jax.sharding.NamedSharding):
+        mesh = sharding.mesh
+    return mesh
+
+
+def kernel_spec(variable: Any, ndim: int | None = None) -> tuple[Any, ...] | None:
+    """A kernel variable's partition spec in mesh axis names (``out_sharding`` metadata, logical names
+    resolved by its ``sharding_rules``), or ``None``; ``ndim`` drops a leading layer axis a scan
+    slices away."""
+    spec = variable.get_metadata().get("out_sharding")
+    if not spec:
+        return None
+    rules = variable.get_metadata().get("sharding_rules")
+    if rules:
+        from flax.core import spmd
+
+        spec = spmd.apply_rules(spec, rules)
+    spec = tuple(spec)
+    if ndim is not None and len(spec) == ndim + 1:
+        spec = spec[1:]
+    return spec if ndim is None or len(spec) == ndim else None
+
+
+def factor_sharding(
+    kernel: Any, plan: AdapterPlan, layout: KernelLayout, *, stacked: bool = False
+) -> dict[str, dict[str, Any]]:
+    """``{factor: Variable metadata}`` placing each factor like the kernel it adapts
+    (``lycoris_core.sharding.factor_specs``): empty where the kernel has no ``out_sharding`` or no
+    mesh is known. A stack's factors take the kernel's layer-axis entry first."""
+    spec, mesh = kernel_spec(kernel), _mesh_for(kernel)
+    if spec is None or mesh is None:
+        return {}
+    lead, spec = (spec[:1], spec[1:]) if stacked else ((), spec)
+    ndim = len(layout.shape)
+    in_axes = layout.in_axes if layout.in_axes is not None else (ndim - 2,)
+    out_axes = layout.out_axes if layout.out_axes is not None else (ndim - 1,)
+    specs = factor_specs(plan, spec, in_axes=in_axes, out_axes=out_axes, axis_sizes=dict(mesh.shape))
+    return {name: {"out_sharding": (*lead, *names), "mesh": mesh} for name, names in specs.items()}
+
+
+def shard_like(value: jax.Array, kernel: Any) -> jax.Array:
+    """``value`` (a kernel-shaped ΔW) constrained to the kernel variable's sharding under the current
+    mesh (``jax.set_mesh``): formed in shards like the kernel, never replicated. No mesh, no spec: as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = kernel_spec(kernel, value.ndim)
+    if spec is None or mesh.empty:
+        return value
+    sharding = jax.sharding.PartitionSpec(*spec)
+    if mesh.are_all_axes_explicit:
+        return jax.sharding.reshard(value, sharding)
+    return jax.lax.with_sharding_constraint(value, sharding)

@@ -187,7 +187,10 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         """Factors per the plan (``functional.init_factors``, keys from ``rngs.params()``)."""
         kernel_dtype = self.get_base_layer().kernel.dtype
         values = functional.init_factors(self._params_key, plan, dtype, kernel_dtype, initialize=initialize)
-        self.factors[adapter_name] = {name: LycorisParam(value) for name, value in values.items()}
+        sharding = functional.factor_sharding(self.get_base_layer().kernel, plan, self._kernel_layout())
+        self.factors[adapter_name] = {
+            name: LycorisParam(value, **sharding.get(name, {})) for name, value in values.items()
+        }
 
     def _params_key(self) -> jax.Array:
         try:
@@ -245,8 +248,9 @@ class LycorisLayer(LayerBookkeeping, nnx.Module, abc.ABC):
         self._merge_ok = nnx.data({})
 
     def _kernel_delta(self, name: str) -> jax.Array:
-        """ΔW of ``name`` in the kernel's layout (what merging adds to the kernel)."""
-        return self._kernel_layout().to_kernel(self.get_delta_weight(name))
+        """ΔW of ``name`` in the kernel's layout (what merging adds to the kernel), sharded like it."""
+        delta = self._kernel_layout().to_kernel(self.get_delta_weight(name))
+        return functional.shard_like(delta, self.get_base_layer().kernel)
 
     def _kernel_layout(self) -> functional.KernelLayout:
         return getattr(self, "kernel_layout", None) or functional.KernelLayout(tuple(self.kernel.shape))
@@ -407,7 +411,10 @@ class _FactorizedLayer(LycorisLayer):
                 continue
             split = iter(jax.random.split(key, len(layer_plan.factors)))
             per.append(functional.init_factors(split.__next__, layer_plan, dtype, kernel_dtype, initialize=initialize))
-        self.factors[adapter_name] = {name: LycorisParam(jnp.stack([p[name] for p in per])) for name in zeros}
+        sharding = functional.factor_sharding(self.get_base_layer().kernel, plan, self.kernel_layout, stacked=True)
+        self.factors[adapter_name] = {
+            name: LycorisParam(jnp.stack([p[name] for p in per]), **sharding.get(name, {})) for name in zeros
+        }
 
     def _rescaled(self, operation: str, *args: Any) -> dict[str, Any]:
         """As for one layer; a stack's ``alpha / r`` is per layer (0 where the config leaves it out)."""
@@ -430,7 +437,7 @@ class _FactorizedLayer(LycorisLayer):
             return super()._kernel_delta(name)
         layout, weight_shape = self._kernel_layout(), self.layer_shape.weight_shape
         per_layer = lambda f, s: layout.to_kernel(type(self).delta_fn(f, s, weight_shape))  # noqa: E731
-        return jax.vmap(per_layer)(self._factor_values(name), self.scaling[name])
+        return functional.shard_like(jax.vmap(per_layer)(self._factor_values(name), self.scaling[name]), self.kernel)
 
     def get_delta_weight(
         self, adapter_name: str, *, apply_rank_dropout: bool = False, rank_dropout_mask: jax.Array | None = None
@@ -441,11 +448,59 @@ class _FactorizedLayer(LycorisLayer):
         return self._rank_dropout(adapter_name, weight, apply_rank_dropout, rank_dropout_mask)
 
     def _get_delta_activations(self, adapter_name: str, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        apply = not self.deterministic and bool(self.plans[adapter_name].rank_dropout)
-        delta = self.get_delta_weight(adapter_name, apply_rank_dropout=apply)
-        return functional.forward_with_weight(
-            self.get_base_layer(), self._cast_input_dtype(x, delta.dtype), delta, self.kernel_layout, **kwargs
-        )
+        """PEFT's branch: the base layer's own forward with ΔW as kernel. Rematerialised: ΔW (formed
+        in shards like the kernel) is not kept for the backward pass but formed again there, so a
+        training step holds one layer's ΔW at a time; values are PEFT's."""
+        plan, base = self.plans[adapter_name], self.get_base_layer()
+        mask = None
+        if not self.deterministic and plan.rank_dropout:  # drawn outside: keys are state
+            mask = functional.rank_dropout_keep(self._dropout_key(), self.layer_shape.out_features, plan.rank_dropout)
+        factors = self._factor_values(adapter_name)
+        x = self._cast_input_dtype(x, jnp.result_type(*factors.values()))
+
+        def branch(factors: dict, scale: Any, mask: Any, x: jax.Array) -> jax.Array:
+            # ΔW is formed once this layer's input exists, never hoisted next to another layer's
+            x, factors = jax.lax.optimization_barrier((x, factors))
+            delta = type(self).delta_fn(factors, scale, self.layer_shape.weight_shape)
+            if mask is not None:
+                mask_dtype = jnp.float32 if plan.fp32_dropout_mask else None
+                delta = functional.apply_rank_dropout(
+                    delta, mask, rescale=plan.rank_dropout_scale, mask_dtype=mask_dtype
+                )
+            return functional.forward_with_weight(base, x, delta, self.kernel_layout, **kwargs)
+
+        scale = self.scaling[adapter_name]
+        if isinstance(base, nnx.Linear):
+            return self._factored_backward(plan, branch, x, factors, scale, mask)
+        return jax.checkpoint(branch)(factors, scale, mask, x)
+
+    def _factored_backward(
+        self, plan: AdapterPlan, branch: Callable, x: jax.Array, factors: dict, scale: Any, mask: Any
+    ) -> jax.Array:
+        """``branch`` (PEFT's forward) with a backward pass that never forms ΔW or a ΔW-sized gradient
+        (``loha``/``lokr.linear_grads``): a training step's temporaries stay activation- and
+        factor-sized, and sharded factor gradients are reduced at factor size."""
+        grads, (out_features, in_features) = type(self).linear_grads, self.layer_shape.weight_shape
+
+        @jax.custom_vjp
+        def run(x: jax.Array, factors: dict, scale: Any, mask: Any) -> jax.Array:
+            return branch(factors, scale, mask, x)
+
+        def forward(x: jax.Array, factors: dict, scale: Any, mask: Any) -> tuple[jax.Array, tuple]:
+            return run(x, factors, scale, mask), (x, factors, scale, mask)
+
+        def backward(res: tuple, dy: jax.Array) -> tuple:
+            x, factors, scale, mask = res
+            dy2 = dy.reshape(-1, out_features)
+            if mask is not None:
+                mask_dtype = jnp.float32 if plan.fp32_dropout_mask else dy.dtype
+                rows = functional.rank_dropout_rows(mask, rescale=plan.rank_dropout_scale, dtype=mask_dtype)
+                dy2 = (dy2 * rows).astype(dy.dtype)
+            dx, dfactors, dscale = grads(x.reshape(-1, in_features), dy2, factors, scale)
+            return dx.reshape(x.shape).astype(x.dtype), dfactors, jnp.reshape(dscale, jnp.shape(scale)), None
+
+        run.defvjp(forward, backward)
+        return run(x, factors, scale, mask)
 
 
 class LoHaLayer(_FactorizedLayer):
@@ -454,6 +509,7 @@ class LoHaLayer(_FactorizedLayer):
     adapter_layer_names = LOHA_FACTORS
     plan_fn = staticmethod(plan_loha)
     delta_fn = staticmethod(loha.delta_weight)
+    linear_grads = staticmethod(loha.linear_grads)
 
 
 class LoKrLayer(_FactorizedLayer):
@@ -462,3 +518,4 @@ class LoKrLayer(_FactorizedLayer):
     adapter_layer_names = LOKR_FACTORS
     plan_fn = staticmethod(plan_lokr)
     delta_fn = staticmethod(lokr.delta_weight)
+    linear_grads = staticmethod(lokr.linear_grads)

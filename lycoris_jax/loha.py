@@ -47,3 +47,29 @@ def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Seq
     else:
         weight = make_weight(f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"], scale)
     return weight.reshape(tuple(weight_shape))
+
+
+def _pair_products(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``R (out, r·r)``: ``R[o, (p, q)] = w1_a[o, p] w2_a[o, q]``; ``Q (in, r·r)`` likewise from the
+    ``_b`` factors. ``ΔW = R Qᵀ · scale``: the Hadamard product of two rank-r products."""
+    f = factors
+    r = jnp.einsum("op,oq->opq", f["hada_w1_a"], f["hada_w2_a"])
+    q = jnp.einsum("pi,qi->ipq", f["hada_w1_b"], f["hada_w2_b"])
+    return r.reshape(r.shape[0], -1), q.reshape(q.shape[0], -1)
+
+
+def linear_grads(
+    x: jax.Array, dy: jax.Array, factors: Mapping[str, jax.Array], scale: Any
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """Gradients of ``y = x @ (((w1_a w1_b) ⊙ (w2_a w2_b)) * scale)ᵀ`` for ``x (N, in)``, ``dy (N, out)``
+    without forming ΔW or a ΔW-sized gradient: ``(dx, dfactors, dscale)``.
+
+    ``ΔW = R Qᵀ`` (:func:`_pair_products`, ``r·r`` columns), so with ``Y = dy R`` and ``Z = x Q``
+    (both ``(N, r·r)``): ``dx = Y Qᵀ``, ``dR = dyᵀ Z``, ``dQ = xᵀ Y``, ``dscale = <Y, Z>``; every
+    intermediate is at most ``max(N, in, out) · r²``.
+    """
+    (r, q), to_factors = jax.vjp(_pair_products, dict(factors))
+    y, z = dy @ r, x @ q
+    s = jnp.asarray(scale, y.dtype)
+    (dfactors,) = to_factors(((dy.T @ z) * s, (x.T @ y) * s))
+    return (y @ q.T) * s, dfactors, jnp.vdot(y, z).astype(jnp.result_type(scale))

@@ -26,15 +26,20 @@ def make_weight_cp(t: jax.Array, wa: jax.Array, wb: jax.Array) -> jax.Array:
 
 
 def make_kron(w1: jax.Array, w2: jax.Array, scale: Any = 1.0) -> jax.Array:
-    """``kron(W1, W2) * scale``; a 4-D ``W2`` gets ``W1`` expanded to ``(a, c, 1, 1)``.
+    """``kron(W1, W2) * scale``; a 4-D ``W2`` pairs ``W1`` with its first two dims (``W1`` as ``(a, c, 1, 1)``).
 
     A 3-D ``W2`` (Conv1d, full ``lokr_w2 (b, d, k)``) is *not* expanded: ``jnp.kron`` pads
     ``W1`` on the left to ``(1, a, c)`` exactly like ``torch.kron``, giving PEFT's layout
     (docs/DEVIATIONS.md, "LoKr Conv1d full w2").
     """
-    if w2.ndim == 4:
-        w1 = w1[:, :, None, None]
-    return scaled(jnp.kron(w1, w2), scale)
+    if w2.ndim == 3:
+        return scaled(jnp.kron(w1, w2), scale)
+    # the outer product as one einsum (values as jnp.kron: one product per element): its gradients
+    # are two contractions, never a kernel-sized broadcast of the other factor
+    a, c = w1.shape
+    b, d, *k = w2.shape
+    product = jnp.einsum("ac,bd...->abcd...", w1, w2).reshape(a * b, c * d, *k)
+    return scaled(product, scale)
 
 
 def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Sequence[int]) -> jax.Array:
@@ -48,3 +53,33 @@ def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Seq
     else:
         w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
     return make_kron(w1, w2, scale).reshape(tuple(weight_shape))
+
+
+def _kron_factors(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``(W1 (a, c), W2 (b, d))`` of a Linear adapter (no Tucker core: that is conv only)."""
+    f = factors
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    return w1, w2
+
+
+def linear_grads(
+    x: jax.Array, dy: jax.Array, factors: Mapping[str, jax.Array], scale: Any
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """Gradients of ``y = x @ (kron(W1, W2) * scale)ᵀ`` for ``x (N, c·d)`` and ``dy (N, a·b)``, by
+    reshaping (never forming ΔW or a ΔW-sized gradient): ``(dx, dfactors, dscale)``.
+
+    With ``x₃ (N, c, d)`` and ``dy₃ (N, a, b)``: ``T = dy₃·W2 (N, a, d)``, ``dW1 = Tᵀx₃``,
+    ``dx = T·W1``; ``U = x₃·W1ᵀ (N, a, d)``, ``dW2 = dy₃ᵀU``; ``dscale = <T, U>``.
+    """
+    (w1, w2), to_factors = jax.vjp(_kron_factors, dict(factors))
+    (a, c), (b, d) = w1.shape, w2.shape
+    x3, dy3 = x.reshape(-1, c, d), dy.reshape(-1, a, b)
+    t = jnp.einsum("nab,bd->nad", dy3, w2)
+    u = jnp.einsum("ncd,ac->nad", x3, w1)
+    s = jnp.asarray(scale, t.dtype)
+    dw1 = jnp.einsum("nad,ncd->ac", t, x3) * s
+    dw2 = jnp.einsum("nab,nad->bd", dy3, u) * s
+    dx = (jnp.einsum("nad,ac->ncd", t, w1) * s).reshape(x.shape)
+    (dfactors,) = to_factors((dw1, dw2))
+    return dx, dfactors, jnp.vdot(t, u).astype(jnp.result_type(scale))
