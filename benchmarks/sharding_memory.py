@@ -34,16 +34,20 @@ LAYOUTS = {
 
 
 class MLP(nnx.Module):
-    def __init__(self, up_spec, down_spec, rngs: nnx.Rngs) -> None:
+    """``out_shardings`` (Explicit meshes): the ``out_sharding`` each layer's call is given."""
+
+    def __init__(self, up_spec, down_spec, rngs: nnx.Rngs, out_shardings=(None, None)) -> None:
         def init(spec):
             base = nnx.initializers.lecun_normal()
             return nnx.with_partitioning(base, spec) if spec else base
 
         self.up = nnx.Linear(D, F, use_bias=False, kernel_init=init(up_spec), rngs=rngs)
         self.down = nnx.Linear(F, D, use_bias=False, kernel_init=init(down_spec), rngs=rngs)
+        self.out_shardings = out_shardings
 
     def __call__(self, x):
-        return self.down(nnx.relu(self.up(x)))
+        up, down = ({"out_sharding": s} if s is not None else {} for s in self.out_shardings)
+        return self.down(nnx.relu(self.up(x, **up)), **down)
 
 
 def kernel_sized_all_gathers(hlo: str, shard_elements: int) -> int:
@@ -57,12 +61,20 @@ def kernel_sized_all_gathers(hlo: str, shard_elements: int) -> int:
     return count
 
 
-def measure(layout: str, kind: str) -> dict:
-    """``{"temp_mib", "shards", "kernel_all_gathers"}`` of one compiled step."""
+def measure(layout: str, kind: str, mode: str = "auto") -> dict:
+    """``{"temp_mib", "shards", "kernel_all_gathers"}`` of one compiled step (``mode``: ``"auto"`` or
+    ``"explicit"`` mesh axes; Explicit layers are called with the ``out_sharding`` of their output)."""
     mesh_shape, up_spec, down_spec, batch_spec = LAYOUTS[layout]
-    mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+    axis = AxisType.Explicit if mode == "explicit" else AxisType.Auto
+    mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(axis, axis))
+    outputs = (None, None)
+    if mode == "explicit":
+        outputs = tuple(
+            PartitionSpec(batch_spec[0], spec[1] if spec and spec[1] != batch_spec[0] else None)
+            for spec in (up_spec, down_spec)
+        )
     with jax.set_mesh(mesh):
-        model = MLP(up_spec, down_spec, nnx.Rngs(0))
+        model = MLP(up_spec, down_spec, nnx.Rngs(0), outputs)
         x = jax.device_put(jnp.ones((BATCH, D)), PartitionSpec(*batch_spec))
         if kind == "frozen":
             graphdef, state = nnx.split(model)
@@ -88,13 +100,23 @@ def measure(layout: str, kind: str) -> dict:
     }
 
 
-def table() -> dict[tuple[str, str], dict]:
-    return {(layout, kind): measure(layout, kind) for layout in LAYOUTS for kind in ("frozen", "lokr", "loha")}
+def table(mode: str = "auto") -> dict[tuple[str, str], dict]:
+    return {(layout, kind): measure(layout, kind, mode) for layout in LAYOUTS for kind in ("frozen", "lokr", "loha")}
 
 
 if __name__ == "__main__":
-    print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, Auto mesh axes")
-    print("| layout | step | temp MiB | kernel shards | kernel-sized all-gathers |")
-    print("|---|---|---|---|---|")
-    for (layout, kind), row in table().items():
-        print(f"| {layout} | {kind} | {row['temp_mib']:.2f} | {row['shards']:.2f} | {row['kernel_all_gathers']} |")
+    print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices")
+    print("| mesh axes | layout | step | temp MiB | kernel shards | kernel-sized all-gathers |")
+    print("|---|---|---|---|---|---|")
+    for mode in ("auto", "explicit"):
+        for layout in LAYOUTS:
+            for kind in ("frozen", "lokr", "loha"):
+                try:
+                    row = measure(layout, kind, mode)
+                except Exception as err:  # reported in the table
+                    print(f"| {mode} | {layout} | {kind} | n/a: {type(err).__name__}: {str(err)[:90]} | | |")
+                    continue
+                print(
+                    f"| {mode} | {layout} | {kind} | {row['temp_mib']:.2f} | {row['shards']:.2f} "
+                    f"| {row['kernel_all_gathers']} |"
+                )

@@ -47,6 +47,7 @@ RESERVED_ADAPTER_NAMES = frozenset(
         "autocast_adapter_dtype",
         "base_layer",
         "base_model",
+        "branch_dtype",
         "cast_input_dtype_enabled",
         "config_cls",
         "create_adapter_parameters",

@@ -22,19 +22,104 @@ __all__ = [
     "KernelLayout",
     "adapter_dtype",
     "apply_rank_dropout",
+    "array_spec",
+    "constrain",
+    "einsum",
     "einsum_axes",
     "factor_sharding",
     "forward_with_weight",
     "init_factors",
     "kaiming_uniform",
     "kernel_spec",
+    "like",
+    "place_factors",
     "rank_dropout_keep",
     "rank_dropout_rows",
+    "reshape",
     "scaled",
     "shard_like",
     "to_flax_kernel",
     "to_torch_layout",
 ]
+
+
+def _explicit_spec(x: Any) -> tuple[Any, ...] | None:
+    """``x``'s partition spec (padded to its rank) under an all-Explicit mesh, else ``None``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.are_all_axes_explicit:
+        return None
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _reshaped_spec(shape: tuple[int, ...], spec: tuple[Any, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """The spec of ``reshape(shape -> new)`` when every sharded dim leads the group of dims it merges
+    into or splits from (a C-order block stays a block); ``None`` when no such spec exists."""
+    out: list[Any] = [None] * len(new)
+    i = j = 0
+    while i < len(shape) and j < len(new):
+        group_in, group_out, size_in, size_out = [i], [j], shape[i], new[j]
+        while size_in != size_out:
+            if size_in < size_out:
+                i += 1
+                group_in.append(i)
+                size_in *= shape[i]
+            else:
+                j += 1
+                group_out.append(j)
+                size_out *= new[j]
+        sharded = [k for k in group_in if spec[k] is not None]
+        if sharded and sharded != [group_in[0]]:
+            return None
+        if sharded:
+            out[group_out[0]] = spec[group_in[0]]
+        i, j = i + 1, j + 1
+    return tuple(out)
+
+
+def reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``x.reshape(shape)``; under an Explicit mesh, with the output sharding a C-order reshape of a
+    sharded leading dim implies (JAX asks for it when a sharded dim is merged or split)."""
+    spec = _explicit_spec(x)
+    shape = tuple(shape)
+    if spec is None or all(s is None for s in spec) or tuple(x.shape) == shape:
+        return x.reshape(shape)
+    out = _reshaped_spec(tuple(x.shape), spec, shape)
+    if out is None:
+        return x.reshape(shape)  # JAX names the dims it cannot place
+    return jax.lax.reshape(x, shape, out_sharding=jax.sharding.PartitionSpec(*out))
+
+
+def einsum(subscripts: str, *operands: jax.Array) -> jax.Array:
+    """``jnp.einsum``; under an Explicit mesh each output index takes the sharding it has on the first
+    operand that shards it (an axis used twice is kept once), so contractions over sharded dims are
+    reduced instead of rejected as ambiguous."""
+    specs = [_explicit_spec(op) for op in operands]
+    if specs[0] is None or all(s is None for spec in specs for s in spec):  # type: ignore[union-attr]
+        return jnp.einsum(subscripts, *operands)
+    inputs, output = subscripts.replace(" ", "").split("->")
+    where: dict[str, Any] = {}
+    for letters, spec in zip(inputs.split(","), specs, strict=True):
+        for letter, entry in zip(letters, spec, strict=True):  # type: ignore[arg-type]
+            if entry is not None and where.get(letter) is None:
+                where[letter] = entry
+    used: set[Any] = set()
+    out = []
+    for letter in output:
+        entry = where.get(letter)
+        names = set(entry if isinstance(entry, tuple) else (entry,)) - {None}
+        out.append(None if names & used else entry)
+        used |= names
+    return jnp.einsum(subscripts, *operands, out_sharding=jax.sharding.PartitionSpec(*out))
+
+
+def like(value: jax.Array, reference: jax.Array) -> jax.Array:
+    """``value`` resharded to ``reference``'s sharding under an Explicit mesh (a cotangent must have
+    its primal's type); as it is otherwise."""
+    spec = _explicit_spec(reference)
+    if spec is None or _explicit_spec(value) == spec:
+        return value
+    return jax.sharding.reshard(value, jax.sharding.PartitionSpec(*spec))
 
 
 def scaled(weight: jax.Array, scale: Any) -> jax.Array:
@@ -105,7 +190,7 @@ class KernelLayout:
         """PyTorch layout ``(out, in[, *k])`` -> this kernel's shape and axis order."""
         if self.in_axes is None:
             return to_flax_kernel(weight)
-        grouped = to_flax_kernel(weight).reshape(*(self.shape[a] for a in (*self.in_axes, *self.out_axes)))
+        grouped = reshape(to_flax_kernel(weight), tuple(self.shape[a] for a in (*self.in_axes, *self.out_axes)))
         return grouped.transpose(tuple(int(i) for i in np.argsort((*self.in_axes, *self.out_axes))))
 
 
@@ -242,11 +327,48 @@ def factor_sharding(
 def shard_like(value: jax.Array, kernel: Any) -> jax.Array:
     """``value`` (a kernel-shaped ΔW) constrained to the kernel variable's sharding under the current
     mesh (``jax.set_mesh``): formed in shards like the kernel, never replicated. No mesh, no spec: as is."""
+    return constrain(value, kernel_spec(kernel, value.ndim))
+
+
+def constrain(value: jax.Array, spec: tuple[Any, ...] | None) -> jax.Array:
+    """``value`` constrained to ``spec`` (mesh axis names per dim) under the current mesh, in Auto or
+    Explicit mode; as it is without a mesh or a spec."""
     mesh = jax.sharding.get_abstract_mesh()
-    spec = kernel_spec(kernel, value.ndim)
-    if spec is None or mesh.empty:
+    if spec is None or mesh.empty or len(spec) != value.ndim:
         return value
     sharding = jax.sharding.PartitionSpec(*spec)
     if mesh.are_all_axes_explicit:
         return jax.sharding.reshard(value, sharding)
     return jax.lax.with_sharding_constraint(value, sharding)
+
+
+def array_spec(array: Any) -> tuple[tuple[Any, ...], Any] | None:
+    """``(spec, mesh)`` of a concrete array placed with a ``NamedSharding`` (spec padded to its rank),
+    else ``None`` (unsharded, or traced)."""
+    sharding = getattr(array, "sharding", None) if not isinstance(array, jax.core.Tracer) else None
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
+    return (spec, sharding.mesh) if any(s is not None for s in spec) else None
+
+
+def place_factors(
+    factors: dict[str, jax.Array],
+    plan: AdapterPlan,
+    layout: KernelLayout,
+    kernel_spec: tuple[Any, ...],
+    mesh: Any,
+    *,
+    stacked: bool = False,
+) -> dict[str, jax.Array]:
+    """Factor arrays placed like ``lycoris_core.sharding.factor_specs`` says for a kernel with
+    ``kernel_spec`` on ``mesh`` (a stack's leading layer-axis entry first)."""
+    lead, spec = (kernel_spec[:1], kernel_spec[1:]) if stacked else ((), kernel_spec)
+    ndim = len(layout.shape)
+    in_axes = layout.in_axes if layout.in_axes is not None else (ndim - 2,)
+    out_axes = layout.out_axes if layout.out_axes is not None else (ndim - 1,)
+    specs = factor_specs(plan, spec, in_axes=in_axes, out_axes=out_axes, axis_sizes=dict(mesh.shape))
+    return {
+        name: jax.device_put(value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*lead, *specs[name])))
+        for name, value in factors.items()
+    }

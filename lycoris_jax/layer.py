@@ -13,6 +13,7 @@ agree for every padding mode, stride, dilation and group count.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -25,6 +26,7 @@ from lycoris_core.bookkeeping import LayerBookkeeping
 from lycoris_jax import functional, loha, lokr
 
 __all__ = [
+    "BRANCH_DTYPES",
     "LINEAR_LAYERS",
     "SUPPORTED_LAYERS",
     "LoHaLayer",
@@ -32,6 +34,7 @@ __all__ = [
     "LycorisLayer",
     "LycorisParam",
     "LycorisScale",
+    "check_branch_dtype",
     "kernel_layout_of",
     "layer_shape_of",
     "require_dropout_stream",
@@ -83,6 +86,16 @@ def layer_shape_of(module: Any, where: str = "", *, stacked: bool = False) -> La
         f"{where or 'target'}: target module of type {type(module).__name__}{detail} not supported, "
         "currently only adapters for Linear, Conv (1-D and 2-D), LinearGeneral and Einsum are supported"
     )
+
+
+BRANCH_DTYPES = ("adapter", "base")
+
+
+def check_branch_dtype(value: Any) -> str:
+    """``"adapter"`` or ``"base"`` (``branch_dtype``), else a ``ValueError`` naming the value."""
+    if value not in BRANCH_DTYPES:
+        raise ValueError(f"branch_dtype: expected one of {list(BRANCH_DTYPES)}, got {value!r}")
+    return value
 
 
 def require_dropout_stream(rngs: nnx.Rngs, where: str) -> None:
@@ -316,8 +329,12 @@ class _FactorizedLayer(LycorisLayer):
         module_path: str = "",
         initialize: bool = True,
         layers: tuple[AdapterPlan | None, ...] | None = None,
+        branch_dtype: str = "adapter",
     ) -> None:
         stacked = layers is not None
+        #: ``"adapter"`` (PEFT): the branch computes in the factors' dtype (float32 for a bf16 base);
+        #: ``"base"``: in the base layer's compute ``dtype`` (float32 factors, ΔW rounded once).
+        self.branch_dtype = check_branch_dtype(branch_dtype)
         #: A scanned stack's layer count (0: one layer). The kernel, factors and scales then carry a
         #: leading layer axis that ``nnx.scan`` slices; plans, shapes and layouts are one layer's.
         self.stack_size = len(layers) if stacked else 0
@@ -456,18 +473,19 @@ class _FactorizedLayer(LycorisLayer):
         if not self.deterministic and plan.rank_dropout:  # drawn outside: keys are state
             mask = functional.rank_dropout_keep(self._dropout_key(), self.layer_shape.out_features, plan.rank_dropout)
         factors = self._factor_values(adapter_name)
-        x = self._cast_input_dtype(x, jnp.result_type(*factors.values()))
+        compute = jnp.result_type(*factors.values())  # PEFT: the branch runs in the adapter's dtype
+        if self.branch_dtype == "base" and getattr(base, "dtype", None) is not None:
+            compute = base.dtype  # mixed precision: ΔW formed from the factors, rounded once
+        x = self._cast_input_dtype(x, compute)
 
         def branch(factors: dict, scale: Any, mask: Any, x: jax.Array) -> jax.Array:
-            # ΔW is formed once this layer's input exists, never hoisted next to another layer's
-            x, factors = jax.lax.optimization_barrier((x, factors))
             delta = type(self).delta_fn(factors, scale, self.layer_shape.weight_shape)
             if mask is not None:
                 mask_dtype = jnp.float32 if plan.fp32_dropout_mask else None
                 delta = functional.apply_rank_dropout(
                     delta, mask, rescale=plan.rank_dropout_scale, mask_dtype=mask_dtype
                 )
-            return functional.forward_with_weight(base, x, delta, self.kernel_layout, **kwargs)
+            return functional.forward_with_weight(base, x, delta.astype(compute), self.kernel_layout, **kwargs)
 
         scale = self.scaling[adapter_name]
         if isinstance(base, nnx.Linear):
@@ -491,13 +509,15 @@ class _FactorizedLayer(LycorisLayer):
 
         def backward(res: tuple, dy: jax.Array) -> tuple:
             x, factors, scale, mask = res
-            dy2 = dy.reshape(-1, out_features)
+            tokens = math.prod(x.shape[:-1])
+            dy2 = functional.reshape(dy, (tokens, out_features))
             if mask is not None:
                 mask_dtype = jnp.float32 if plan.fp32_dropout_mask else dy.dtype
                 rows = functional.rank_dropout_rows(mask, rescale=plan.rank_dropout_scale, dtype=mask_dtype)
                 dy2 = (dy2 * rows).astype(dy.dtype)
-            dx, dfactors, dscale = grads(x.reshape(-1, in_features), dy2, factors, scale)
-            return dx.reshape(x.shape).astype(x.dtype), dfactors, jnp.reshape(dscale, jnp.shape(scale)), None
+            dx, dfactors, dscale = grads(functional.reshape(x, (tokens, in_features)), dy2, factors, scale)
+            dx = functional.reshape(dx, x.shape).astype(x.dtype)
+            return dx, dfactors, jnp.reshape(dscale, jnp.shape(scale)), None
 
         run.defvjp(forward, backward)
         return run(x, factors, scale, mask)

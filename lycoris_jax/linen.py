@@ -24,6 +24,7 @@ built with ``deterministic=False`` and ``apply`` gets a ``"dropout"`` rng.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import os
 import re
 import warnings
@@ -36,6 +37,7 @@ from flax import traverse_util
 
 from lycoris_core import LycorisConfig
 from lycoris_jax import functional, pytree
+from lycoris_jax.layer import check_branch_dtype
 
 __all__ = [
     "LycorisModule",
@@ -71,11 +73,15 @@ class LycorisModule(nn.Module):
     scale: float = 1.0
     deterministic: bool = True
     enabled: bool = True
+    #: ``"adapter"`` (PEFT): the branch computes in the factors' dtype; ``"base"``: in the layer's
+    #: compute ``dtype`` (e.g. bfloat16), ΔW formed from the float32 factors and rounded once.
+    branch_dtype: str = "adapter"
 
     def setup(self) -> None:
         nn.share_scope(self, self.module)  # the model's params keep their paths
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        check_branch_dtype(self.branch_dtype)
         if not self.enabled:
             return self.module(*args, **kwargs)
         with nn.intercept_methods(self._intercept):
@@ -93,14 +99,24 @@ class LycorisModule(nn.Module):
         factors = {f: layer.get_variable(self.collection, f) for f in target.plan.factor_shapes}
         missing = sorted(f for f, v in factors.items() if v is None)
         if missing:
+            hint = (
+                f"; this layer is in a stack: give nn.scan variable_axes={{..., {self.collection!r}: 0}} so each "
+                "step sees its layer's factors"
+                if target.layers
+                else ""
+            )
             raise ValueError(
                 f"{name}: the {self.collection!r} collection lacks {missing}; pass the factors lycoris_jax.linen.adapt "
-                "returned (apply({'params': ..., 'lycoris': ...}, ...))"
+                f"returned (apply({{'params': ..., 'lycoris': ...}}, ...)){hint}"
             )
+        if target.layers:
+            target = _one_layer(name, target, factors)
         adapter = pytree.Adapter({name: factors}, ((name, target),), self.config_json, self.adapter_name)
         dropout = None if self.deterministic else layer.make_rng("dropout")
         delta = pytree.delta_weight(adapter, name, scale=self.scale, key=dropout)  # the layer's kernel layout
         x, rest = (args[0], args[1:]) if args else (kwargs.pop("inputs"), ())
+        if self.branch_dtype == "base" and getattr(layer, "dtype", None) is not None:
+            delta = delta.astype(layer.dtype)
         token = _inside_delta.set(True)
         try:
             view = layer.clone(parent=None, use_bias=False, dtype=None, param_dtype=delta.dtype)
@@ -108,6 +124,25 @@ class LycorisModule(nn.Module):
         finally:
             _inside_delta.reset(token)
         return (result + branch).astype(result.dtype)
+
+
+def _one_layer(name: str, target: pytree.Target, factors: Mapping[str, Any]) -> pytree.Target:
+    """A stack's target as one ``nn.scan`` step sees it: its own slice of the factors, one scale."""
+    stacked = [f for f, v in factors.items() if v.ndim != len(target.plan.factor_shapes[f])]
+    if stacked:
+        raise ValueError(
+            f"{name}: the factors {stacked} still carry the layer axis inside the scan; give nn.scan "
+            "variable_axes={..., 'lycoris': 0} (the collection's name) so each step sees its layer's factors"
+        )
+    scalings = {entry[1].scaling if entry else 0.0 for entry in target.layers}
+    if len(scalings) != 1:
+        raise ValueError(
+            f"{name}: inside nn.scan every layer of a stack needs the same alpha / r and must be targeted "
+            f"(layers_to_transform, alpha_pattern give {sorted(scalings)}); the pytree API and the NNX tuner "
+            "take per-layer scales"
+        )
+    spec = target.spec[1:] if target.spec else None
+    return dataclasses.replace(target, layers=(), spec=spec)
 
 
 def discover(module: nn.Module, params: Any, *args: Any, **kwargs: Any) -> dict[str, pytree.KindSpec | TypeError]:

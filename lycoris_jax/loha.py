@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lycoris_jax.functional import scaled
+from lycoris_jax.functional import einsum, like, reshape, scaled
 
 __all__ = ["delta_weight", "make_weight", "make_weight_cp"]
 
@@ -46,16 +46,16 @@ def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Seq
         )
     else:
         weight = make_weight(f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"], scale)
-    return weight.reshape(tuple(weight_shape))
+    return reshape(weight, tuple(weight_shape))
 
 
 def _pair_products(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """``R (out, r·r)``: ``R[o, (p, q)] = w1_a[o, p] w2_a[o, q]``; ``Q (in, r·r)`` likewise from the
     ``_b`` factors. ``ΔW = R Qᵀ · scale``: the Hadamard product of two rank-r products."""
     f = factors
-    r = jnp.einsum("op,oq->opq", f["hada_w1_a"], f["hada_w2_a"])
-    q = jnp.einsum("pi,qi->ipq", f["hada_w1_b"], f["hada_w2_b"])
-    return r.reshape(r.shape[0], -1), q.reshape(q.shape[0], -1)
+    r = einsum("op,oq->opq", f["hada_w1_a"], f["hada_w2_a"])
+    q = einsum("pi,qi->ipq", f["hada_w1_b"], f["hada_w2_b"])
+    return reshape(r, (r.shape[0], r.shape[1] * r.shape[2])), reshape(q, (q.shape[0], q.shape[1] * q.shape[2]))
 
 
 def linear_grads(
@@ -69,7 +69,8 @@ def linear_grads(
     intermediate is at most ``max(N, in, out) · r²``.
     """
     (r, q), to_factors = jax.vjp(_pair_products, dict(factors))
-    y, z = dy @ r, x @ q
+    y, z = einsum("no,ok->nk", dy, r), einsum("ni,ik->nk", x, q)
     s = jnp.asarray(scale, y.dtype)
-    (dfactors,) = to_factors(((dy.T @ z) * s, (x.T @ y) * s))
-    return (y @ q.T) * s, dfactors, jnp.vdot(y, z).astype(jnp.result_type(scale))
+    (dfactors,) = to_factors((like(einsum("no,nk->ok", dy, z) * s, r), like(einsum("ni,nk->ik", x, y) * s, q)))
+    dx = like(einsum("nk,ik->ni", y, q) * s, x)
+    return dx, dfactors, einsum("nk,nk->", y, z).astype(jnp.result_type(scale))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lycoris_core import factorization
-from lycoris_jax.functional import scaled
+from lycoris_jax.functional import einsum, like, reshape, scaled
 
 __all__ = ["delta_weight", "factorization", "make_kron", "make_weight_cp"]
 
@@ -38,7 +38,8 @@ def make_kron(w1: jax.Array, w2: jax.Array, scale: Any = 1.0) -> jax.Array:
     # are two contractions, never a kernel-sized broadcast of the other factor
     a, c = w1.shape
     b, d, *k = w2.shape
-    product = jnp.einsum("ac,bd...->abcd...", w1, w2).reshape(a * b, c * d, *k)
+    spatial = "hw"[: len(k)]
+    product = reshape(einsum(f"ac,bd{spatial}->abcd{spatial}", w1, w2), (a * b, c * d, *k))
     return scaled(product, scale)
 
 
@@ -52,7 +53,7 @@ def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Seq
         w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
     else:
         w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
-    return make_kron(w1, w2, scale).reshape(tuple(weight_shape))
+    return reshape(make_kron(w1, w2, scale), tuple(weight_shape))
 
 
 def _kron_factors(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -74,12 +75,13 @@ def linear_grads(
     """
     (w1, w2), to_factors = jax.vjp(_kron_factors, dict(factors))
     (a, c), (b, d) = w1.shape, w2.shape
-    x3, dy3 = x.reshape(-1, c, d), dy.reshape(-1, a, b)
-    t = jnp.einsum("nab,bd->nad", dy3, w2)
-    u = jnp.einsum("ncd,ac->nad", x3, w1)
+    n = x.shape[0]
+    x3, dy3 = reshape(x, (n, c, d)), reshape(dy, (n, a, b))
+    t = einsum("nab,bd->nad", dy3, w2)
+    u = einsum("ncd,ac->nad", x3, w1)
     s = jnp.asarray(scale, t.dtype)
-    dw1 = jnp.einsum("nad,ncd->ac", t, x3) * s
-    dw2 = jnp.einsum("nab,nad->bd", dy3, u) * s
-    dx = (jnp.einsum("nad,ac->ncd", t, w1) * s).reshape(x.shape)
-    (dfactors,) = to_factors((dw1, dw2))
-    return dx, dfactors, jnp.vdot(t, u).astype(jnp.result_type(scale))
+    dw1 = einsum("nad,ncd->ac", t, x3) * s
+    dw2 = einsum("nab,nad->bd", dy3, u) * s
+    dx = like(reshape(einsum("nad,ac->ncd", t, w1) * s, x.shape), x)
+    (dfactors,) = to_factors((like(dw1, w1), like(dw2, w2)))
+    return dx, dfactors, einsum("nad,nad->", t, u).astype(jnp.result_type(scale))

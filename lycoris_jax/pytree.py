@@ -91,6 +91,9 @@ class Target:
     #: A stacked kernel (leading layer axis, ``stacks``): per layer ``(module name, plan)``, or ``None``
     #: for a layer the config does not target (its factors stay zero, its scale 0). Empty otherwise.
     layers: tuple[tuple[str, AdapterPlan] | None, ...] = ()
+    #: The kernel's partition spec (mesh axis names per kernel dim) when it was placed with a
+    #: ``NamedSharding``: factors were placed to match, and ΔW is formed in these shards.
+    spec: tuple[Any, ...] | None = None
 
     def module_plans(self, name: str) -> dict[str, AdapterPlan]:
         """``{module name: plan}`` as PEFT sees them: one per targeted layer of a stack."""
@@ -326,8 +329,23 @@ def _targets(
                     "differ; make rank_pattern (and kinds) agree across the stack's layers (alpha may differ)"
                 )
         layers = tuple((n, planned[n][0]) if n in planned else None for n in k.layers)
-        targets[module] = Target(k.leaf, plan, layout, k.path, layers)
+        placed = functional.array_spec(k.array)
+        targets[module] = Target(k.leaf, plan, layout, k.path, layers, placed[0] if placed else None)
     return targets
+
+
+def _placed(factors: dict, targets: dict[str, Target], kernels: dict[str, _Kernel]) -> dict:
+    """Each module's factors placed like its kernel (where the kernel has a ``NamedSharding``)."""
+    out = {}
+    for module, values in factors.items():
+        target, placed = targets[module], functional.array_spec(kernels[module].array)
+        if placed is None or target.layout is None:
+            out[module] = values
+            continue
+        out[module] = functional.place_factors(
+            values, target.plan, target.layout, placed[0], placed[1], stacked=bool(target.layers)
+        )
+    return out
 
 
 def _adapter(factors: dict, targets: dict[str, Target], config: LycorisConfig, adapter_name: str) -> Adapter:
@@ -380,7 +398,7 @@ def init(
         zeros = {name: jnp.zeros(shape, dtype) for name, shape in target.plan.factor_shapes.items()}
         per = [one(*entry) if entry else zeros for entry in target.layers]
         factors[module] = {name: jnp.stack([p[name] for p in per]) for name in zeros}
-    return _adapter(factors, targets, config, adapter_name)
+    return _adapter(_placed(factors, targets, kernels), targets, config, adapter_name)
 
 
 def delta_weight(adapter: Adapter, module: str, *, scale: Any = 1.0, key: jax.Array | None = None) -> jax.Array:
@@ -390,7 +408,7 @@ def delta_weight(adapter: Adapter, module: str, *, scale: Any = 1.0, key: jax.Ar
     target = dict(adapter.targets)[module]
     factors = adapter.factors[module]
     if not target.layers:
-        return _delta(target, factors, scale * target.plan.scaling, key)
+        return functional.constrain(_delta(target, factors, scale * target.plan.scaling, key), target.spec)
     per_layer = [entry[1].scaling if entry else 0.0 for entry in target.layers]
     scalings = (
         jnp.asarray([scale * s for s in per_layer], jnp.result_type(float))
@@ -398,9 +416,11 @@ def delta_weight(adapter: Adapter, module: str, *, scale: Any = 1.0, key: jax.Ar
         else scale * jnp.asarray(per_layer, jnp.result_type(float))
     )
     if key is None:
-        return jax.vmap(lambda f, s: _delta(target, f, s, None))(factors, scalings)
-    keys = jax.random.split(key, len(target.layers))
-    return jax.vmap(lambda f, s, k: _delta(target, f, s, k))(factors, scalings, keys)
+        delta = jax.vmap(lambda f, s: _delta(target, f, s, None))(factors, scalings)
+    else:
+        keys = jax.random.split(key, len(target.layers))
+        delta = jax.vmap(lambda f, s, k: _delta(target, f, s, k))(factors, scalings, keys)
+    return functional.constrain(delta, target.spec)
 
 
 def _delta(target: Target, factors: Mapping[str, jax.Array], scaling: Any, key: jax.Array | None) -> jax.Array:
@@ -519,4 +539,4 @@ def from_pretrained(
         zeros = {name: jnp.zeros(shape, dtype) for name, shape in target.plan.factor_shapes.items()}
         per = [values(entry[0]) if entry else zeros for entry in target.layers]
         factors[module] = {name: jnp.stack([p[name] for p in per]) for name in zeros}
-    return _adapter(factors, targets, config, adapter_name)
+    return _adapter(_placed(factors, targets, kernels), targets, config, adapter_name)

@@ -29,6 +29,7 @@ from lycoris_jax.layer import (
     LoKrLayer,
     LycorisLayer,
     LycorisParam,
+    check_branch_dtype,
     kernel_layout_of,
     layer_shape_of,
     require_dropout_stream,
@@ -84,6 +85,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         autocast_adapter_dtype: bool = True,
         state_dict: Mapping[str, Any] | None = None,
         stacks: Sequence[str] = (),
+        branch_dtype: str = "adapter",
     ) -> None:
         """Inject ``adapter_name`` into ``model`` (in place) and make it active.
 
@@ -93,9 +95,12 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         the module paths of scanned layer stacks (built with ``nnx.vmap``, applied with ``nnx.scan``):
         below ``"layers"``, the module ``layers.attn.q`` is the PEFT modules ``layers.<i>.attn.q``,
         one per layer, for every config field and checkpoint key; its adapter is one layer whose
-        factors and scales carry the stack's leading layer axis.
+        factors and scales carry the stack's leading layer axis. ``branch_dtype="base"`` runs the
+        adapter branch in the base layer's compute ``dtype`` (e.g. bfloat16 on TPU) from float32
+        factors; the default ``"adapter"`` is PEFT's arithmetic.
         """
         self.stacks = tuple(stacks)
+        self.branch_dtype = check_branch_dtype(branch_dtype)
         self.model = model
         self.rngs = rngs if rngs is not None else default_rngs()
         self.peft_config: dict[str, LycorisConfig] = {}
@@ -192,7 +197,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
     _replace_child = staticmethod(_set_child)
 
     def _layer_kwargs(self) -> dict[str, Any]:
-        return {"rngs": self.rngs}
+        return {"rngs": self.rngs, "branch_dtype": self.branch_dtype}
 
     def _resolve_targets(self, config: LycorisConfig) -> dict[str, Any]:
         if config.modules_to_save:

@@ -9,6 +9,7 @@ fp32 tolerance: 1e-5 abs on outputs of magnitude ~1.
 
 from __future__ import annotations
 
+import flax.linen as linen_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ from flax import nnx
 
 import lycoris_jax as lj
 import lycoris_torch as lt
-from lycoris_jax import pytree
+from lycoris_jax import linen, pytree
 
 L, D = 4, 16
 ATOL = 1e-5
@@ -278,3 +279,66 @@ def test_nnx_stack_errors():
         lj.LoHaModel(Scanned(), config("loha", rank_pattern={"layers.2.mlp": 4}), stacks=["layers"])
     with pytest.raises(ValueError, match=r"stacks: the model has no module 'blocks'"):
         lj.LoHaModel(Scanned(), config("loha"), stacks=["blocks"])
+
+
+# ---------------------------------------------------------------- Linen: nn.scan
+class LinenAttn(linen_nn.Module):
+    @linen_nn.compact
+    def __call__(self, x):
+        return linen_nn.Dense(D, name="q")(x)
+
+
+class LinenBlock(linen_nn.Module):
+    @linen_nn.compact
+    def __call__(self, x, _):
+        x = x + jnp.tanh(LinenAttn(name="attn")(x))
+        return x + linen_nn.Dense(D, name="mlp")(x), None
+
+
+class LinenScanned(linen_nn.Module):
+    """A scanned Linen stack; the adapter collection is scanned with the params (``variable_axes``)."""
+
+    @linen_nn.compact
+    def __call__(self, x):
+        stack = linen_nn.scan(
+            LinenBlock, variable_axes={"params": 0, "lycoris": 0}, split_rngs={"params": True}, length=L
+        )
+        return stack(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_linen_scan_both_ways_against_peft(tmp_path, kind):
+    params, module = stacked_params(torch_net()), LinenScanned()
+    np.testing.assert_allclose(module.apply({"params": params}, X), torch_out(torch_net()), atol=ATOL)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(
+        torch_net(),
+        (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(**config(kind).to_dict() | {"peft_type": None}),
+    ).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    adapted, lycoris = linen.from_pretrained(tmp_path / "peft", module, params, stacks=["layers"])
+    run = jax.jit(lambda lyc: adapted.apply({"params": params, "lycoris": lyc}, X))
+    np.testing.assert_allclose(run(lycoris), torch_out(theirs), atol=ATOL)
+
+    adapted, lycoris = linen.adapt(module, params, config(kind), key=jax.random.key(3), stacks=["layers"])
+    grad = jax.jit(jax.grad(lambda lyc: (adapted.apply({"params": params, "lycoris": lyc}, X) ** 2).mean()))
+    for _ in range(2):
+        lycoris = jax.tree.map(lambda p, g: p - 0.1 * g, lycoris, grad(lycoris))
+    mine = np.asarray(jax.jit(lambda lyc: adapted.apply({"params": params, "lycoris": lyc}, X))(lycoris))
+    linen.save_pretrained(adapted, lycoris, tmp_path / "ours")
+    np.testing.assert_allclose(
+        torch_out(peft.PeftModel.from_pretrained(torch_net(), tmp_path / "ours")), mine, atol=ATOL
+    )
+    merged = linen.merge(adapted, params, lycoris)
+    np.testing.assert_allclose(module.apply({"params": merged}, X), mine, atol=ATOL)
+
+
+def test_linen_scan_needs_one_scale_per_stack():
+    cfg = config("lokr", alpha_pattern={"layers.2.mlp": 16})
+    adapted, lycoris = linen.adapt(
+        LinenScanned(), stacked_params(torch_net()), cfg, key=jax.random.key(0), stacks=["layers"]
+    )
+    with pytest.raises(
+        ValueError, match=r"layers\.\*\.mlp: inside nn.scan every layer of a stack needs the same alpha / r"
+    ):
+        adapted.apply({"params": stacked_params(torch_net()), "lycoris": lycoris}, X)

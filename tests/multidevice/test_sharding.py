@@ -60,6 +60,31 @@ def test_factor_shardings_follow_the_kernel():
     assert len(w1.addressable_shards) == 8 and w1.addressable_shards[0].data.shape == (16, 32)
 
 
+EXPLICIT = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_explicit_mesh_step_equals_the_unsharded_one(kind):
+    """Explicit axes: the row-parallel layer is called with its ``out_sharding`` (passed through)."""
+    _, up, down, _ = bench.LAYOUTS["tensor-parallel"]
+    cfg = (lj.LoKrConfig if kind == "lokr" else lj.LoHaConfig)(r=8, target_modules=["up", "down"], init_weights=False)
+
+    def loss_and_grads(t, x):
+        graphdef, factors, rest = nnx.split(t, lj.LycorisParam, ...)
+        return jax.jit(jax.value_and_grad(lambda f: (nnx.merge(graphdef, f, rest)(x) ** 2).mean()))(factors)
+
+    plain = loss_and_grads(tuner(kind, False), jnp.asarray(X))
+    with jax.set_mesh(EXPLICIT):
+        outputs = (PartitionSpec("data", "model"), PartitionSpec("data", None))
+        model = bench.MLP(up, down, nnx.Rngs(0), outputs)
+        t = (lj.LoKrModel if kind == "lokr" else lj.LoHaModel)(model, cfg)
+        first = sorted(t.model.up.factors["default"])[0]
+        assert jax.typeof(t.model.up.factors["default"][first][...]).sharding.mesh.are_all_axes_explicit
+        sharded = loss_and_grads(t, jax.device_put(X, PartitionSpec("data", None)))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
 def test_sharded_step_equals_the_unsharded_one(kind):
     def loss_and_grads(t, x):
@@ -74,8 +99,9 @@ def test_sharded_step_equals_the_unsharded_one(kind):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
-def test_train_step_memory_stays_a_few_kernel_shards():
-    rows = bench.table()
+@pytest.mark.parametrize("mode", ["auto", "explicit"])
+def test_train_step_memory_stays_a_few_kernel_shards(mode):
+    rows = bench.table(mode)
     for layout in ("data-parallel", "tensor-parallel"):
         # the step forms each targeted layer's ΔW once (in shards) and no ΔW-sized gradient;
         # XLA schedules the two layers' ΔW side by side, hence ~2 and ~4 shards for 2 layers
@@ -83,6 +109,7 @@ def test_train_step_memory_stays_a_few_kernel_shards():
         assert rows[layout, "loha"]["shards"] < 4.4, rows[layout, "loha"]
         assert rows[layout, "lokr"]["kernel_all_gathers"] == rows[layout, "loha"]["kernel_all_gathers"] == 0
     fsdp = {kind: rows["fsdp", kind] for kind in ("frozen", "lokr", "loha")}
+    # FSDP gathers kernels for the matmul anyway; LoKr adds its ΔW, at most 2 shards of it
     assert fsdp["lokr"]["temp_mib"] - fsdp["frozen"]["temp_mib"] < 2.1 * bench.D * bench.F * 4 / 8 / bench.MIB
 
 
@@ -131,3 +158,27 @@ def test_pytree_adapter_sharded_then_gathered_and_saved_as_the_readme_says(tmp_p
     b = pytree.from_pretrained(tmp_path / "plain", params)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_pytree_factors_follow_kernels_placed_with_a_named_sharding():
+    from lycoris_jax import pytree
+
+    rng = np.random.default_rng(2)
+    params = {
+        "up": {"kernel": jnp.asarray(rng.standard_normal((bench.D, bench.F)), jnp.float32)},
+        "down": {"kernel": jnp.asarray(rng.standard_normal((bench.F, bench.D)), jnp.float32)},
+    }
+    cfg = lj.LoKrConfig(r=8, target_modules=["up", "down"], init_weights=False)
+    plain = pytree.init(params, cfg, key=jax.random.key(0))
+    with jax.set_mesh(TP):
+        placed = {
+            "up": {"kernel": jax.device_put(params["up"]["kernel"], PartitionSpec(None, "model"))},
+            "down": {"kernel": jax.device_put(params["down"]["kernel"], PartitionSpec("model", None))},
+        }
+        adapter = pytree.init(placed, cfg, key=jax.random.key(0))
+        assert adapter.factors["up"]["lokr_w1"].sharding.spec == PartitionSpec("model", None)
+        assert adapter.factors["down"]["lokr_w1"].sharding.spec == PartitionSpec(None, "model")
+        merged = jax.jit(pytree.merge)(placed, adapter)
+        assert merged["up"]["kernel"].sharding.spec == PartitionSpec(None, "model")
+    for a, b in zip(jax.tree.leaves(pytree.merge(params, plain)), jax.tree.leaves(merged), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
