@@ -348,7 +348,18 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         """``(trainable, total)`` parameter counts: trainable are :meth:`trainable_filter`'s factors;
         total every ``nnx.Param`` (base and adapters). Shapes suffice (an ``nnx.eval_shape`` tuner)."""
         count = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))  # noqa: E731
-        return count(nnx.state(self, self.trainable_filter())), count(nnx.state(self, nnx.Param))
+        # a stack holds zero factors for the layers its config leaves out: PEFT has no such parameters
+        padding = {name: 0 for name in self.peft_config}
+        for _, layer in self._lycoris_layers():
+            for name, layers in getattr(layer, "layer_plans", {}).items():
+                unused = sum(plan is None for plan in layers)
+                padding[name] += unused * sum(math.prod(v.shape[1:]) for v in layer.factors[name].values())
+        trainable = sum(padding[n] for n in self.active_adapters if not self.peft_config[n].inference_mode)
+        all_padding = sum(padding.values())
+        return (
+            count(nnx.state(self, self.trainable_filter())) - trainable,
+            count(nnx.state(self, nnx.Param)) - all_padding,
+        )
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

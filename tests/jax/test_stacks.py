@@ -342,3 +342,13 @@ def test_linen_scan_needs_one_scale_per_stack():
         ValueError, match=r"layers\.\*\.mlp: inside nn.scan every layer of a stack needs the same alpha / r"
     ):
         adapted.apply({"params": stacked_params(torch_net()), "lycoris": lycoris}, X)
+
+
+def test_nnx_stack_parameter_counts_are_peft_counts():
+    """A stack's zero factors for layers the config leaves out are no parameters PEFT would have."""
+    cfg = config("loha", layers_to_transform=[0, 2], layers_pattern="layers")
+    abstract = nnx.eval_shape(lambda: lj.LoHaModel(Scanned(), cfg, stacks=["layers"]))
+    theirs = peft.get_peft_model(torch_net(), peft.LoHaConfig(**cfg.to_dict() | {"peft_type": None}))
+    assert abstract.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters() == (512, 2688)
+    shapes = {k: v.shape for k, v in abstract.adapter_state_dict().items()}
+    assert len(shapes) == 16 and shapes["base_model.model.layers.2.mlp.hada_w1_a"] == (D, 2)

@@ -182,3 +182,46 @@ def test_pytree_factors_follow_kernels_placed_with_a_named_sharding():
         assert merged["up"]["kernel"].sharding.spec == PartitionSpec(None, "model")
     for a, b in zip(jax.tree.leaves(pytree.merge(params, plain)), jax.tree.leaves(merged), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, sharded: bool) -> None:
+        init = nnx.initializers.lecun_normal()
+        kernel_init = nnx.with_partitioning(init, (None, "model")) if sharded else init
+        self.up = nnx.Linear(64, 64, use_bias=False, kernel_init=kernel_init, rngs=rngs)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.up(x))
+
+
+class _Stack(nnx.Module):
+    """An ``nnx.vmap``-built, ``nnx.scan``-applied stack whose kernels are tensor-parallel."""
+
+    def __init__(self, sharded: bool) -> None:
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def create(rngs):
+            return _Block(rngs, sharded)
+
+        self.layers = create(nnx.Rngs(0))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(h, block):
+            return block(h)
+
+        return step(x, self.layers)
+
+
+def test_a_scanned_stack_keeps_its_layer_axis_and_its_kernel_sharding():
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    cfg = lj.LoHaConfig(r=4, target_modules=["up"], init_weights=False)
+    forward = nnx.jit(lambda t, x: t(x))
+    want = forward(lj.LoHaModel(_Stack(False), cfg, stacks=["layers"]), jnp.asarray(x))
+    with jax.set_mesh(TP):
+        t = lj.LoHaModel(_Stack(True), cfg, stacks=["layers"])
+        factors = t.model.layers.up.factors["default"]
+        assert factors["hada_w1_a"][...].sharding.spec == PartitionSpec(None, "model", None)  # (layer, out, r)
+        assert factors["hada_w1_b"][...].sharding.spec == PartitionSpec(None, None, None)
+        got = forward(t, jax.device_put(x, PartitionSpec("data", None)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
