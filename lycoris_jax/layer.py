@@ -465,9 +465,10 @@ class _FactorizedLayer(LycorisLayer):
         return self._rank_dropout(adapter_name, weight, apply_rank_dropout, rank_dropout_mask)
 
     def _get_delta_activations(self, adapter_name: str, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """PEFT's branch: the base layer's own forward with ΔW as kernel. Rematerialised: ΔW (formed
-        in shards like the kernel) is not kept for the backward pass but formed again there, so a
-        training step holds one layer's ΔW at a time; values are PEFT's."""
+        """PEFT's branch: the base layer's own forward with ΔW (formed in shards like the kernel) as
+        kernel, in the factors' dtype (or the base's, ``branch_dtype="base"``). ΔW is not kept for the
+        backward pass: an ``nnx.Linear`` gets the factored gradients of :meth:`_factored_backward`,
+        other layers form ΔW again (``jax.checkpoint``)."""
         plan, base = self.plans[adapter_name], self.get_base_layer()
         mask = None
         if not self.deterministic and plan.rank_dropout:  # drawn outside: keys are state
@@ -511,8 +512,8 @@ class _FactorizedLayer(LycorisLayer):
             x, factors, scale, mask = res
             tokens = math.prod(x.shape[:-1])
             dy2 = functional.reshape(dy, (tokens, out_features))
-            if mask is not None:
-                mask_dtype = jnp.float32 if plan.fp32_dropout_mask else dy.dtype
+            if mask is not None:  # the rows' factors in the forward's dtype (ΔW's, from the factors)
+                mask_dtype = jnp.float32 if plan.fp32_dropout_mask else jnp.result_type(*factors.values())
                 rows = functional.rank_dropout_rows(mask, rescale=plan.rank_dropout_scale, dtype=mask_dtype)
                 dy2 = (dy2 * rows).astype(dy.dtype)
             dx, dfactors, dscale = grads(functional.reshape(x, (tokens, in_features)), dy2, factors, scale)
