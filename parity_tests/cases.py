@@ -54,10 +54,23 @@ class Case:
     labels: tuple[str, ...] = ()
     seed: int = 0
     extra_ops: tuple[str, ...] = field(default=())
+    #: A JAX-only mode (a column of its own): ``"branch_base"`` builds the JAX tuner with
+    #: ``branch_dtype="base"`` (the branch in the base layer's compute dtype, mixed precision).
+    mode: str = ""
 
     @property
     def id(self) -> str:
-        return "-".join((self.algo, self.layer.name, self.dtype, *self.labels))
+        return "-".join((self.algo, self.layer.name, self.dtype, *self.labels, *((self.mode,) if self.mode else ())))
+
+    @property
+    def tolerance_key(self) -> str:
+        """The dtype row of the tolerance table: ``"bf16"``, or ``"bf16+branch_base"`` for a mode."""
+        return f"{self.dtype}+{self.mode}" if self.mode else self.dtype
+
+    @property
+    def jax_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of the JAX tuner for this case's mode."""
+        return {"branch_dtype": "base"} if self.mode == "branch_base" else {}
 
     def config_kwargs(self) -> dict[str, Any]:
         """Config kwargs shared by PEFT and both twins (``rank_dropout`` > 0 only acts in training)."""
@@ -121,6 +134,9 @@ def build_cases() -> tuple[list[Case], list[tuple[str, str]]]:
                 cases.append(Case("loha", layer, dtype, opts, labels))
             for opts, labels in lokr_opts:
                 cases.append(Case("lokr", layer, dtype, opts, labels))
+            if dtype != "fp32":  # mixed precision: the same cases with the branch in the base's dtype
+                cases.append(Case("loha", layer, dtype, *loha_opts[0], mode="branch_base"))
+                cases.append(Case("lokr", layer, dtype, *lokr_opts[0], mode="branch_base"))
     skipped.append(("loha-*-r16", "LoHa's factor structure does not depend on r (unlike LoKr's full/decomposed w1/w2)"))
     skipped.append(("lokr-linear-*-effconv", "effective conv is forced off for Linear (PEFT rule)"))
     by_name = {layer.name: layer for layer in LAYERS}
@@ -155,6 +171,7 @@ _QUICK_IDS = {
     "lokr-conv2d_grouped-fp32-r1-effconv",
     "lokr-conv1d_k3-fp32-r16",
     "loha-conv1d_k3-bf16-plain",
+    "lokr-linear-bf16-r1-branch_base",
     "lokr-conv2d_strided_dilated-fp16-r1",
     "lokr-linear-fp32-r1-decompose_both-df4",
     "loha-linear-fp32-patterns",

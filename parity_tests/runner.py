@@ -182,7 +182,13 @@ class Frameworks:
 
     def make_jax(self, state: dict[str, np.ndarray] | None) -> lj.LycorisTuner:
         tuner = lj.LoHaModel if self.case.algo == "loha" else lj.LoKrModel
-        return tuner(self.jax_base(), _config(self.case, "lj"), rngs=nnx.Rngs(self.case.seed), state_dict=state)
+        return tuner(
+            self.jax_base(),
+            _config(self.case, "lj"),
+            rngs=nnx.Rngs(self.case.seed),
+            state_dict=state,
+            **self.case.jax_kwargs,
+        )
 
     def set_peft_factors(self, name: str, factors: dict[str, np.ndarray]) -> None:
         layer = self.peft.base_model.model.layer
@@ -477,7 +483,7 @@ def run_case(case: Case, ops: tuple[str, ...] | None = None) -> list[Cell]:
     fw = Frameworks(case, inp)
     cells = []
     for op in ops:
-        cell = Cell(case.id, op, case.dtype)
+        cell = Cell(case.id, op, case.tolerance_key)
         if op == "grad" and case.dtype != "fp32":
             cell.note = "skipped: gradients compared in fp32 (a low-precision output rounding dominates them)"
             cells.append(cell)
