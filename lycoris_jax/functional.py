@@ -316,12 +316,21 @@ def factor_sharding(
     spec, mesh = kernel_spec(kernel), _mesh_for(kernel)
     if spec is None or mesh is None:
         return {}
-    lead, spec = (spec[:1], spec[1:]) if stacked else ((), spec)
+    specs = _factor_partition(plan, layout, spec, mesh, stacked)
+    return {name: {"out_sharding": names, "mesh": mesh} for name, names in specs.items()}
+
+
+def _factor_partition(
+    plan: AdapterPlan, layout: KernelLayout, kernel_spec: tuple[Any, ...], mesh: Any, stacked: bool
+) -> dict[str, tuple[Any, ...]]:
+    """``{factor: spec}`` for a kernel with ``kernel_spec`` on ``mesh`` (``factor_specs`` on the
+    layout's in/out axes; a stack's leading layer-axis entry first)."""
+    lead, spec = (kernel_spec[:1], kernel_spec[1:]) if stacked else ((), kernel_spec)
     ndim = len(layout.shape)
     in_axes = layout.in_axes if layout.in_axes is not None else (ndim - 2,)
     out_axes = layout.out_axes if layout.out_axes is not None else (ndim - 1,)
     specs = factor_specs(plan, spec, in_axes=in_axes, out_axes=out_axes, axis_sizes=dict(mesh.shape))
-    return {name: {"out_sharding": (*lead, *names), "mesh": mesh} for name, names in specs.items()}
+    return {name: (*lead, *names) for name, names in specs.items()}
 
 
 def shard_like(value: jax.Array, kernel: Any) -> jax.Array:
@@ -363,12 +372,8 @@ def place_factors(
 ) -> dict[str, jax.Array]:
     """Factor arrays placed like ``lycoris_core.sharding.factor_specs`` says for a kernel with
     ``kernel_spec`` on ``mesh`` (a stack's leading layer-axis entry first)."""
-    lead, spec = (kernel_spec[:1], kernel_spec[1:]) if stacked else ((), kernel_spec)
-    ndim = len(layout.shape)
-    in_axes = layout.in_axes if layout.in_axes is not None else (ndim - 2,)
-    out_axes = layout.out_axes if layout.out_axes is not None else (ndim - 1,)
-    specs = factor_specs(plan, spec, in_axes=in_axes, out_axes=out_axes, axis_sizes=dict(mesh.shape))
+    specs = _factor_partition(plan, layout, kernel_spec, mesh, stacked)
     return {
-        name: jax.device_put(value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*lead, *specs[name])))
+        name: jax.device_put(value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*specs[name])))
         for name, value in factors.items()
     }

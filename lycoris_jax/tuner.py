@@ -141,7 +141,9 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
 
     def _module_table(self) -> dict[str, nnx.Module]:
         """``{PEFT module name: module}``: a module in a stack appears once per layer."""
-        return {n: module for name, (_, module) in self._modules().items() for n in self._layer_names(name)}
+        modules = self._modules()
+        sizes = {stack: self._stack_size(stack, modules) for stack in self.stacks}  # one walk, not one per module
+        return {n: module for name, (_, module) in modules.items() for n in self._layer_names(name, sizes)}
 
     def _stack_of(self, name: str) -> tuple[str, str] | None:
         """``(stack, rest)`` for a module in one of ``stacks`` (``rest`` is empty for the stack itself)."""
@@ -150,17 +152,19 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
                 return stack, name[len(stack) + 1 :]
         return None
 
-    def _layer_names(self, name: str) -> tuple[str, ...]:
-        """The PEFT module names of the module ``name``: ``stack.<i>.rest`` per layer, or ``(name,)``."""
+    def _layer_names(self, name: str, sizes: Mapping[str, int] | None = None) -> tuple[str, ...]:
+        """The PEFT module names of the module ``name``: ``stack.<i>.rest`` per layer, or ``(name,)``
+        (``sizes``: the stacks' layer counts, when already known)."""
         found = self._stack_of(name)
         if found is None:
             return (name,)
         stack, rest = found
-        return tuple(".".join(filter(None, (stack, str(i), rest))) for i in range(self._stack_size(stack)))
+        size = sizes[stack] if sizes is not None else self._stack_size(stack)
+        return tuple(".".join(filter(None, (stack, str(i), rest))) for i in range(size))
 
-    def _stack_size(self, stack: str) -> int:
+    def _stack_size(self, stack: str, modules: Mapping[str, Any] | None = None) -> int:
         """The leading axis every parameter below ``stack`` shares (``nnx.vmap``'s layer axis)."""
-        node = self._modules().get(stack)
+        node = (modules if modules is not None else self._modules()).get(stack)
         if node is None:
             raise ValueError(f"stacks: the model has no module {stack!r}")
         sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(nnx.state(node[1], nnx.Param))}

@@ -92,6 +92,17 @@ def torch_out(model) -> np.ndarray:
         return model(torch.from_numpy(X)).numpy()
 
 
+def peft_adapter(kind: str, directory):
+    """Real PEFT's adapter on the unscanned torch model (``config(kind)``), saved to ``directory``."""
+    peft_config = (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(
+        **config(kind).to_dict() | {"peft_type": None}
+    )
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(torch_net(), peft_config).eval()
+    theirs.save_pretrained(directory)
+    return theirs
+
+
 def config(kind: str, **kw):
     return (lj.LoKrConfig if kind == "lokr" else lj.LoHaConfig)(
         r=2, alpha=4, target_modules=["q", "mlp"], init_weights=False, **kw
@@ -124,12 +135,7 @@ def test_stacked_adapters_equal_the_unrolled_ones(kind):
 def test_peft_files_move_between_the_stacked_model_and_torch(tmp_path, kind):
     net = torch_net()
     params = stacked_params(net)
-    torch.manual_seed(1)
-    theirs = peft.get_peft_model(
-        torch_net(),
-        (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(**config(kind).to_dict() | {"peft_type": None}),
-    ).eval()
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = peft_adapter(kind, tmp_path / "peft")
     loaded = pytree.from_pretrained(tmp_path / "peft", params, stacks=["layers"])
     np.testing.assert_allclose(run_scan(pytree.merge(params, loaded), X), torch_out(theirs), atol=ATOL)
 
@@ -223,12 +229,7 @@ def test_nnx_scanned_model_holds_the_torch_weights():
 
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
 def test_nnx_scanned_stack_both_ways_against_peft(tmp_path, kind):
-    torch.manual_seed(1)
-    theirs = peft.get_peft_model(
-        torch_net(),
-        (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(**config(kind).to_dict() | {"peft_type": None}),
-    ).eval()
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = peft_adapter(kind, tmp_path / "peft")
     loaded = lj.LycorisTuner.from_pretrained(Scanned(), tmp_path / "peft", stacks=["layers"])
     assert (
         loaded.model.layers.mlp.factors["default"][next(iter(loaded.model.layers.mlp.factors["default"]))].shape[0] == L
@@ -310,12 +311,7 @@ class LinenScanned(linen_nn.Module):
 def test_linen_scan_both_ways_against_peft(tmp_path, kind):
     params, module = stacked_params(torch_net()), LinenScanned()
     np.testing.assert_allclose(module.apply({"params": params}, X), torch_out(torch_net()), atol=ATOL)
-    torch.manual_seed(1)
-    theirs = peft.get_peft_model(
-        torch_net(),
-        (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(**config(kind).to_dict() | {"peft_type": None}),
-    ).eval()
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = peft_adapter(kind, tmp_path / "peft")
     adapted, lycoris = linen.from_pretrained(tmp_path / "peft", module, params, stacks=["layers"])
     run = jax.jit(lambda lyc: adapted.apply({"params": params, "lycoris": lyc}, X))
     np.testing.assert_allclose(run(lycoris), torch_out(theirs), atol=ATOL)
