@@ -61,9 +61,10 @@ def kernel_sized_all_gathers(hlo: str, shard_elements: int) -> int:
     return count
 
 
-def measure(layout: str, kind: str, mode: str = "auto") -> dict:
+def measure(layout: str, kind: str, mode: str = "auto", path: str = "auto") -> dict:
     """``{"temp_mib", "shards", "kernel_all_gathers"}`` of one compiled step (``mode``: ``"auto"`` or
-    ``"explicit"`` mesh axes; Explicit layers are called with the ``out_sharding`` of their output)."""
+    ``"explicit"`` mesh axes; Explicit layers are called with the ``out_sharding`` of their output;
+    ``path``: the adapters' ``forward_path``)."""
     mesh_shape, up_spec, down_spec, batch_spec = LAYOUTS[layout]
     axis = AxisType.Explicit if mode == "explicit" else AxisType.Auto
     mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(axis, axis))
@@ -84,7 +85,7 @@ def measure(layout: str, kind: str, mode: str = "auto") -> dict:
             cfg = (lj.LoKrConfig if kind == "lokr" else lj.LoHaConfig)(
                 r=8, target_modules=["up", "down"], init_weights=False
             )
-            tuner = (lj.LoKrModel if kind == "lokr" else lj.LoHaModel)(model, cfg)
+            tuner = (lj.LoKrModel if kind == "lokr" else lj.LoHaModel)(model, cfg, forward_path=path)
             graphdef, factors, rest = nnx.split(tuner, lj.LycorisParam, ...)
 
             def step(factors, rest, x):
@@ -100,23 +101,29 @@ def measure(layout: str, kind: str, mode: str = "auto") -> dict:
     }
 
 
-def table(mode: str = "auto") -> dict[tuple[str, str], dict]:
-    return {(layout, kind): measure(layout, kind, mode) for layout in LAYOUTS for kind in ("frozen", "lokr", "loha")}
+def table(mode: str = "auto", path: str = "auto") -> dict[tuple[str, str], dict]:
+    """``{(layout, step): measure(...)}`` for every layout and step, adapters on ``path``."""
+    return {
+        (layout, kind): measure(layout, kind, mode, path) for layout in LAYOUTS for kind in ("frozen", "lokr", "loha")
+    }
+
+
+STEPS = (("frozen", "-"), *((kind, path) for kind in ("lokr", "loha") for path in ("auto", "merged", "peft")))
 
 
 if __name__ == "__main__":
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices")
-    print("| mesh axes | layout | step | temp MiB | kernel shards | kernel-sized all-gathers |")
-    print("|---|---|---|---|---|---|")
+    print("| mesh axes | layout | step | forward_path | temp MiB | kernel shards | kernel-sized all-gathers |")
+    print("|---|---|---|---|---|---|---|")
     for mode in ("auto", "explicit"):
         for layout in LAYOUTS:
-            for kind in ("frozen", "lokr", "loha"):
+            for kind, path in STEPS:
                 try:
-                    row = measure(layout, kind, mode)
+                    row = measure(layout, kind, mode, path if path != "-" else "auto")
                 except Exception as err:  # reported in the table
-                    print(f"| {mode} | {layout} | {kind} | n/a: {type(err).__name__}: {str(err)[:90]} | | |")
+                    print(f"| {mode} | {layout} | {kind} | {path} | n/a: {type(err).__name__}: {str(err)[:90]} | | |")
                     continue
                 print(
-                    f"| {mode} | {layout} | {kind} | {row['temp_mib']:.2f} | {row['shards']:.2f} "
+                    f"| {mode} | {layout} | {kind} | {path} | {row['temp_mib']:.2f} | {row['shards']:.2f} "
                     f"| {row['kernel_all_gathers']} |"
                 )

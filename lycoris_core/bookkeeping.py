@@ -21,6 +21,7 @@ from lycoris_core.checkpoint import checkpoint_key
 from lycoris_core.config import CONFIG_NAME, LycorisConfig, config_class_for
 from lycoris_core.errors import CheckpointError
 from lycoris_core.files import AdapterFiles, Checkpoint, read_adapter_files, read_checkpoint, save_adapters
+from lycoris_core.paths import check_forward_path
 from lycoris_core.plan import AdapterPlan, LayerShape
 from lycoris_core.targets import NoMatchingModuleError, match_targets, resolve_rank_alpha
 
@@ -154,24 +155,42 @@ class LayerBookkeeping:
             return x
         return self._astype(x, dtype)
 
+    def _forward_path(self, adapter_name: str, x: Any) -> str:
+        """The forward path of ``adapter_name`` for input ``x`` (``lycoris_core.paths``); PEFT's here."""
+        return "peft"
+
     def _adapted_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         """PEFT's forward: base output plus every active adapter's delta (module dropout in
-        training), the merged/disabled shortcuts, and the result cast back to ``x``'s dtype."""
+        training), the merged/disabled shortcuts, and the result cast back to ``x``'s dtype.
+
+        Each adapter takes its forward path (:meth:`_forward_path`): ``"merged"`` adapters are folded
+        into one base call (:meth:`_folded_forward` of :meth:`_fold` entries), ``"factored"`` and
+        ``"peft"`` ones add a branch. Dropout draws keep PEFT's order: module, then rank, per adapter.
+        """
         previous_dtype = x.dtype
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self._astype(self.base_layer(x, *args, **kwargs), previous_dtype)
-        result = self.base_layer(x, *args, **kwargs)
-        if not self.merged:
-            for name in self.active_adapters:
-                if name not in self._available_adapters:
-                    continue
-                keep = self._module_dropout_keep(name)
-                if keep is False:
-                    continue
-                delta = self._get_delta_activations(name, x, *args, **kwargs)
-                result = result + delta if keep is True else self._where(keep, result + delta, result)
+        if self.merged:
+            return self._astype(self.base_layer(x, *args, **kwargs), previous_dtype)
+        folds, branches = [], []
+        for name in self.active_adapters:
+            if name not in self._available_adapters:
+                continue
+            keep = self._module_dropout_keep(name)
+            if keep is False:
+                continue
+            path = self._forward_path(name, x)
+            if path == "merged":
+                folds.append(self._fold(name, keep))
+            elif path == "factored":
+                branches.append((self._factored_activations(name, x, *args, **kwargs), keep))
+            else:
+                branches.append((self._get_delta_activations(name, x, *args, **kwargs), keep))
+        result = self._folded_forward(folds, x, *args, **kwargs) if folds else self.base_layer(x, *args, **kwargs)
+        for delta, keep in branches:
+            result = result + delta if keep is True else self._where(keep, result + delta, result)
         return self._astype(result, previous_dtype)
 
 
@@ -287,7 +306,13 @@ class TunerBookkeeping:
 
     def _layer_kwargs(self) -> dict[str, Any]:
         """Extra constructor arguments for new adapter layers (e.g. the JAX twin's ``rngs``)."""
-        return {}
+        return {"forward_path": self.forward_path}
+
+    def set_forward_path(self, forward_path: str) -> None:
+        """Use ``forward_path`` (``lycoris_core.paths``) in every adapter layer from the next call on."""
+        self.forward_path = check_forward_path(forward_path)
+        for _, layer in self._lycoris_layers():
+            layer.forward_path = self.forward_path
 
     def _create_and_replace(
         self,

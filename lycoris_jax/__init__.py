@@ -9,11 +9,13 @@
 """
 
 from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
-from lycoris_jax import functional, linen, loha, lokr, pytree
-from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam
+from lycoris_core.paths import FORWARD_PATHS
+from lycoris_jax import functional, linen, loha, lokr, paths, pytree
+from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam, LycorisScale
 from lycoris_jax.tuner import LoHaModel, LoKrModel, LycorisTuner, default_rngs
 
 __all__ = [
+    "FORWARD_PATHS",
     "CheckpointError",
     "LoHaConfig",
     "LoHaLayer",
@@ -24,6 +26,7 @@ __all__ = [
     "LycorisConfig",
     "LycorisLayer",
     "LycorisParam",
+    "LycorisScale",
     "LycorisTuner",
     "NoMatchingModuleError",
     "default_rngs",
@@ -32,5 +35,6 @@ __all__ = [
     "linen",
     "loha",
     "lokr",
+    "paths",
     "pytree",
 ]

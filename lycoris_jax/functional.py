@@ -23,6 +23,7 @@ __all__ = [
     "adapter_dtype",
     "apply_rank_dropout",
     "array_spec",
+    "call_with_kernel",
     "constrain",
     "einsum",
     "einsum_axes",
@@ -248,17 +249,25 @@ def init_factors(
 
 
 class _KernelView:
-    """The base layer seen with another kernel, no bias and no fixed compute dtype."""
+    """The base layer seen with another kernel; by default no bias and no fixed compute dtype."""
 
-    def __init__(self, base_layer: Any, kernel: jax.Array) -> None:
+    def __init__(self, base_layer: Any, kernel: jax.Array, bias: Any = None, dtype: Any = None) -> None:
         self._base_layer = base_layer
         self.kernel = kernel
-        self.bias = None
-        self.use_bias = False
-        self.dtype = None
+        self.bias = bias
+        self.use_bias = bias is not None
+        self.dtype = dtype
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._base_layer, name)
+
+
+def call_with_kernel(
+    base_layer: Any, x: jax.Array, kernel: jax.Array, bias: Any = None, dtype: Any = None, **kwargs: Any
+) -> jax.Array:
+    """The base layer's own ``__call__`` with ``kernel`` (its layout) and ``bias`` in place of its
+    own, computing in ``dtype`` (``None``: the operands' promoted dtype)."""
+    return type(base_layer).__call__(_KernelView(base_layer, kernel, bias, dtype), x, **kwargs)
 
 
 def forward_with_weight(
@@ -273,8 +282,7 @@ def forward_with_weight(
     (e.g. ``out_sharding``) pass through.
     """
     kernel = layout.to_kernel(weight) if layout is not None else to_flax_kernel(weight)
-    kernel = shard_like(kernel, base_layer.kernel)
-    return type(base_layer).__call__(_KernelView(base_layer, kernel), x, **kwargs)
+    return call_with_kernel(base_layer, x, shard_like(kernel, base_layer.kernel), **kwargs)
 
 
 # ---------------------------------------------------------------- sharding

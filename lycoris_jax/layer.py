@@ -23,7 +23,8 @@ from flax import nnx
 
 from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr
 from lycoris_core.bookkeeping import LayerBookkeeping
-from lycoris_jax import functional, loha, lokr
+from lycoris_core.paths import check_forward_path, choose_path
+from lycoris_jax import functional, loha, lokr, paths
 
 __all__ = [
     "BRANCH_DTYPES",
@@ -314,6 +315,7 @@ class _FactorizedLayer(LycorisLayer):
 
     plan_fn: ClassVar[Callable[..., AdapterPlan]]
     delta_fn: ClassVar[Callable[..., jax.Array]]
+    peft_type: ClassVar[str]
 
     def __init__(
         self,
@@ -330,8 +332,12 @@ class _FactorizedLayer(LycorisLayer):
         initialize: bool = True,
         layers: tuple[AdapterPlan | None, ...] | None = None,
         branch_dtype: str = "adapter",
+        forward_path: str = "auto",
     ) -> None:
         stacked = layers is not None
+        #: How the forward pass computes the adapters (``lycoris_core.paths``): ``"auto"`` picks
+        #: ``"merged"`` or ``"factored"`` per call by cost; ``"peft"`` is PEFT's arithmetic.
+        self.forward_path = check_forward_path(forward_path)
         #: ``"adapter"`` (PEFT): the branch computes in the factors' dtype (float32 for a bf16 base);
         #: ``"base"``: in the base layer's compute ``dtype`` (float32 factors, ΔW rounded once).
         self.branch_dtype = check_branch_dtype(branch_dtype)
@@ -464,19 +470,102 @@ class _FactorizedLayer(LycorisLayer):
         )
         return self._rank_dropout(adapter_name, weight, apply_rank_dropout, rank_dropout_mask)
 
+    # ------------------------------------------------------------------ forward paths
+    def _forward_path(self, adapter_name: str, x: jax.Array) -> str:
+        """``lycoris_core.paths.choose_path`` for this call: tokens are ``x``'s leading dims; the
+        training cost counts when dropout is on (``model.train()``)."""
+        base = self.get_base_layer()
+        return choose_path(
+            self.forward_path,
+            self.plans[adapter_name],
+            math.prod(x.shape[:-1]),
+            training=not self.deterministic,
+            linear=isinstance(base, nnx.Linear),
+        )
+
+    def _rank_dropout_draw(self, adapter_name: str) -> jax.Array | None:
+        """This call's rank-dropout keep mask ``(out,)``, or ``None`` (eval, or no rank dropout)."""
+        plan = self.plans[adapter_name]
+        if self.deterministic or not plan.rank_dropout:
+            return None
+        return functional.rank_dropout_keep(self._dropout_key(), self.layer_shape.out_features, plan.rank_dropout)
+
+    def _rows(self, adapter_name: str, mask: jax.Array | None, factor_dtype: Any) -> jax.Array | None:
+        """The factor each output row is multiplied by under rank dropout (PEFT's mask dtype)."""
+        if mask is None:
+            return None
+        plan = self.plans[adapter_name]
+        dtype = jnp.float32 if plan.fp32_dropout_mask else factor_dtype
+        return functional.rank_dropout_rows(mask, rescale=plan.rank_dropout_scale, dtype=dtype)
+
+    def _compute_dtype(self, factors: dict[str, jax.Array]) -> Any:
+        """The branch's dtype: the factors' (PEFT), or the base layer's ``dtype`` (``branch_dtype="base"``)."""
+        base = self.get_base_layer()
+        if self.branch_dtype == "base" and getattr(base, "dtype", None) is not None:
+            return base.dtype
+        return jnp.result_type(*factors.values())
+
+    def _fold(self, adapter_name: str, keep: Any) -> paths.Fold:
+        factors = self._factor_values(adapter_name)
+        mask = self._rank_dropout_draw(adapter_name)
+        rows = self._rows(adapter_name, mask, jnp.result_type(*factors.values()))
+        return paths.Fold(factors, self._scales[adapter_name].get_value(), rows, keep)
+
+    def _folded_forward(self, folds: list[paths.Fold], x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The ``"merged"`` path: the base layer called once with ``W + Σ ΔW`` (and its bias), ΔW
+        formed in shards like the kernel; computed in ``W``'s and the factors' promoted dtype, or the
+        base's compute dtype (``branch_dtype="base"``)."""
+        base = self.get_base_layer()
+        kernel = base.kernel
+        layout, weight_shape, delta_fn = self.kernel_layout, self.layer_shape.weight_shape, type(self).delta_fn
+
+        def delta(factors: dict, scale: Any, rows: Any) -> jax.Array:
+            weight = delta_fn(factors, scale, weight_shape)
+            if rows is not None:
+                weight = (weight * rows.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+            return functional.shard_like(layout.to_kernel(weight), kernel)
+
+        compute = self._compute_dtype(dict(folds[0].factors))
+        view_dtype = base.dtype if self.branch_dtype == "base" else None
+        dtype = (
+            compute
+            if self.branch_dtype == "base" and base.dtype is not None
+            else jnp.result_type(kernel.dtype, compute)
+        )
+        bias = base.bias[...] if getattr(base, "bias", None) is not None else None
+
+        def call(x: jax.Array, k: jax.Array, b: Any) -> jax.Array:
+            return functional.call_with_kernel(base, x, k, b, view_dtype, **kwargs)
+
+        linear = (type(self).peft_type, *weight_shape) if isinstance(base, nnx.Linear) else None
+        return paths.folded_call(call, x, kernel[...], bias, folds, delta, dtype=dtype, linear=linear)
+
+    def _factored_activations(self, adapter_name: str, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The ``"factored"`` branch of an ``nnx.Linear`` adapter: no ΔW formed, forward or backward."""
+        plan = self.plans[adapter_name]
+        mask = self._rank_dropout_draw(adapter_name)
+        factors = self._factor_values(adapter_name)
+        compute = self._compute_dtype(factors)
+        rows = self._rows(adapter_name, mask, jnp.result_type(*factors.values()))
+        factors = {k: v.astype(compute) for k, v in factors.items()}
+        scale = self._scales[adapter_name].get_value()
+        y = paths.factored_delta(
+            plan.peft_type, self._cast_input_dtype(x, compute), factors, scale, self.layer_shape.out_features
+        )
+        if rows is not None:
+            y = (y * rows).astype(y.dtype)
+        out_sharding = kwargs.get("out_sharding")
+        return jax.sharding.reshard(y, out_sharding) if out_sharding is not None else y
+
     def _get_delta_activations(self, adapter_name: str, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """PEFT's branch: the base layer's own forward with ΔW (formed in shards like the kernel) as
         kernel, in the factors' dtype (or the base's, ``branch_dtype="base"``). ΔW is not kept for the
         backward pass: an ``nnx.Linear`` gets the factored gradients of :meth:`_factored_backward`,
         other layers form ΔW again (``jax.checkpoint``)."""
         plan, base = self.plans[adapter_name], self.get_base_layer()
-        mask = None
-        if not self.deterministic and plan.rank_dropout:  # drawn outside: keys are state
-            mask = functional.rank_dropout_keep(self._dropout_key(), self.layer_shape.out_features, plan.rank_dropout)
+        mask = self._rank_dropout_draw(adapter_name)  # drawn outside: keys are state
         factors = self._factor_values(adapter_name)
-        compute = jnp.result_type(*factors.values())  # PEFT: the branch runs in the adapter's dtype
-        if self.branch_dtype == "base" and getattr(base, "dtype", None) is not None:
-            compute = base.dtype  # mixed precision: ΔW formed from the factors, rounded once
+        compute = self._compute_dtype(factors)
         x = self._cast_input_dtype(x, compute)
 
         def branch(factors: dict, scale: Any, mask: Any, x: jax.Array) -> jax.Array:
@@ -528,6 +617,7 @@ class LoHaLayer(_FactorizedLayer):
     """LoHa adapter on an ``nnx.Linear`` or ``nnx.Conv`` (factors ``hada_*``)."""
 
     adapter_layer_names = LOHA_FACTORS
+    peft_type = "LOHA"
     plan_fn = staticmethod(plan_loha)
     delta_fn = staticmethod(loha.delta_weight)
     linear_grads = staticmethod(loha.linear_grads)
@@ -537,6 +627,7 @@ class LoKrLayer(_FactorizedLayer):
     """LoKr adapter on an ``nnx.Linear`` or ``nnx.Conv`` (factors ``lokr_*``)."""
 
     adapter_layer_names = LOKR_FACTORS
+    peft_type = "LOKR"
     plan_fn = staticmethod(plan_lokr)
     delta_fn = staticmethod(lokr.delta_weight)
     linear_grads = staticmethod(lokr.linear_grads)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -33,10 +34,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from lycoris_core import LycorisConfig
-from lycoris_jax import functional, pytree
+from lycoris_core.paths import check_forward_path, choose_path
+from lycoris_jax import functional, paths, pytree
 from lycoris_jax.layer import check_branch_dtype
 
 __all__ = [
@@ -76,12 +79,16 @@ class LycorisModule(nn.Module):
     #: ``"adapter"`` (PEFT): the branch computes in the factors' dtype; ``"base"``: in the layer's
     #: compute ``dtype`` (e.g. bfloat16), ΔW formed from the float32 factors and rounded once.
     branch_dtype: str = "adapter"
+    #: How targeted layers compute their adapter (``lycoris_core.paths``): ``"auto"``, ``"merged"``,
+    #: ``"factored"`` (``nn.Dense``) or ``"peft"`` (PEFT's two-branch arithmetic).
+    forward_path: str = "auto"
 
     def setup(self) -> None:
         nn.share_scope(self, self.module)  # the model's params keep their paths
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         check_branch_dtype(self.branch_dtype)
+        check_forward_path(self.forward_path)
         if not self.enabled:
             return self.module(*args, **kwargs)
         with nn.intercept_methods(self._intercept):
@@ -95,7 +102,6 @@ class LycorisModule(nn.Module):
         name, target = {t.path: (n, t) for n, t in self.targets}.get(tuple(layer.path[len(self.path) :]), (None, None))
         if target is None:
             return next_fun(*args, **kwargs)
-        result = next_fun(*args, **kwargs)
         factors = {f: layer.get_variable(self.collection, f) for f in target.plan.factor_shapes}
         missing = sorted(f for f, v in factors.items() if v is None)
         if missing:
@@ -111,10 +117,74 @@ class LycorisModule(nn.Module):
             )
         if target.layers:
             target = _one_layer(name, target, factors)
+        x, rest = (args[0], args[1:]) if args else (kwargs.pop("inputs"), ())
+        plan = target.plan
+        dense = isinstance(layer, nn.Dense)
+        path = choose_path(
+            self.forward_path, plan, math.prod(x.shape[:-1]), training=not self.deterministic, linear=dense
+        )
+        if path == "peft":
+            result = next_fun(*args, **kwargs) if args else next_fun(x, *rest, **kwargs)
+            return self._peft_branch(layer, name, target, factors, result, x, rest, kwargs)
+        fdtype = jnp.result_type(*factors.values())
+        rows, keep = pytree.dropout_draws(plan, None if self.deterministic else layer.make_rng("dropout"), fdtype)
+        scale = self.scale * plan.scaling
+        base_dtype = getattr(layer, "dtype", None)
+        compute = base_dtype if self.branch_dtype == "base" and base_dtype is not None else fdtype
+        if path == "factored":
+            result = next_fun(x, *rest, **kwargs)
+            cast = {k: v.astype(compute) for k, v in factors.items()}
+            y = paths.factored_delta(plan.peft_type, x.astype(compute), cast, scale, plan.weight_shape[0])
+            y = y if rows is None else (y * rows).astype(y.dtype)
+            return (
+                (result + y).astype(result.dtype)
+                if keep is True
+                else jnp.where(keep, result + y, result).astype(result.dtype)
+            )
+        kernel = layer.get_variable("params", "kernel")
+        bias = layer.get_variable("params", "bias")
+        to_kernel = target.layout.to_kernel if target.layout is not None else functional.to_flax_kernel
+        dtype = (
+            compute if self.branch_dtype == "base" and base_dtype is not None else jnp.result_type(kernel.dtype, fdtype)
+        )
+
+        def delta(f: Mapping[str, Any], s: Any, r: Any) -> Any:
+            weight = pytree._DELTA[plan.peft_type](f, s, plan.weight_shape)
+            if r is not None:
+                weight = (weight * r.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+            return functional.constrain(to_kernel(weight), target.spec)
+
+        def call(x: Any, k: Any, b: Any) -> Any:
+            params = {"kernel": k} if b is None else {"kernel": k, "bias": b}
+            view = layer.clone(
+                parent=None, dtype=base_dtype if self.branch_dtype == "base" else None, param_dtype=k.dtype
+            )
+            token = _inside_delta.set(True)
+            try:
+                return view.apply({"params": params}, x, *rest, **kwargs)
+            finally:
+                _inside_delta.reset(token)
+
+        fold = paths.Fold(factors, jnp.asarray(scale, jnp.result_type(float)), rows, keep)
+        linear = (plan.peft_type, *plan.weight_shape) if dense else None
+        return paths.folded_call(call, x, kernel, bias, [fold], delta, dtype=dtype, linear=linear)
+
+    @nn.nowrap
+    def _peft_branch(
+        self,
+        layer: nn.Module,
+        name: str,
+        target: pytree.Target,
+        factors: dict,
+        result: Any,
+        x: Any,
+        rest: tuple,
+        kwargs: dict,
+    ) -> Any:
+        """PEFT's arithmetic: the layer's own call with ΔW as kernel, added to ``result``."""
         adapter = pytree.Adapter({name: factors}, ((name, target),), self.config_json, self.adapter_name)
         dropout = None if self.deterministic else layer.make_rng("dropout")
         delta = pytree.delta_weight(adapter, name, scale=self.scale, key=dropout)  # the layer's kernel layout
-        x, rest = (args[0], args[1:]) if args else (kwargs.pop("inputs"), ())
         if self.branch_dtype == "base" and getattr(layer, "dtype", None) is not None:
             delta = delta.astype(layer.dtype)
         token = _inside_delta.set(True)
@@ -293,7 +363,11 @@ def from_pretrained(
     """``(wrapped module, factors collection)`` from a PEFT adapter directory, checked against
     ``params``; ``example_args`` as in :func:`adapt`; other ``kwargs`` are :class:`LycorisModule`
     fields or go to :func:`lycoris_jax.pytree.from_pretrained`."""
-    options = {k: kwargs.pop(k) for k in ("scale", "deterministic", "collection", "enabled") if k in kwargs}
+    options = {
+        k: kwargs.pop(k)
+        for k in ("scale", "deterministic", "collection", "enabled", "branch_dtype", "forward_path")
+        if k in kwargs
+    }
     config = pytree.read_config(directory)
     kwargs["kinds"] = _kinds(
         module, params, config, kwargs.get("kinds"), example_args, example_kwargs, kwargs.get("rename")

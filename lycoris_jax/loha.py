@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from lycoris_jax.functional import einsum, like, reshape, scaled
 
-__all__ = ["delta_weight", "make_weight", "make_weight_cp"]
+__all__ = ["delta_weight", "linear_forward", "linear_grads", "make_weight", "make_weight_cp"]
 
 
 def make_weight(w1_a: jax.Array, w1_b: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: Any) -> jax.Array:
@@ -56,6 +56,13 @@ def _pair_products(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Arr
     r = einsum("op,oq->opq", f["hada_w1_a"], f["hada_w2_a"])
     q = einsum("pi,qi->ipq", f["hada_w1_b"], f["hada_w2_b"])
     return reshape(r, (r.shape[0], r.shape[1] * r.shape[2])), reshape(q, (q.shape[0], q.shape[1] * q.shape[2]))
+
+
+def linear_forward(x: jax.Array, factors: Mapping[str, jax.Array], scale: Any) -> jax.Array:
+    """``x @ (((w1_a w1_b) ⊙ (w2_a w2_b)) * scale)ᵀ`` for ``x (N, in)`` without forming ΔW:
+    ``(x Q) Rᵀ`` through width ``r·r`` (:func:`_pair_products`)."""
+    r, q = _pair_products(factors)
+    return scaled(einsum("nk,ok->no", einsum("ni,ik->nk", x, q), r), scale)
 
 
 def linear_grads(

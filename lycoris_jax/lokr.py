@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from lycoris_core import factorization
 from lycoris_jax.functional import einsum, like, reshape, scaled
 
-__all__ = ["delta_weight", "factorization", "make_kron", "make_weight_cp"]
+__all__ = ["delta_weight", "factorization", "linear_forward", "linear_grads", "make_kron", "make_weight_cp"]
 
 
 def make_weight_cp(t: jax.Array, wa: jax.Array, wb: jax.Array) -> jax.Array:
@@ -62,6 +62,17 @@ def _kron_factors(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Arra
     w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
     w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
     return w1, w2
+
+
+def linear_forward(x: jax.Array, factors: Mapping[str, jax.Array], scale: Any) -> jax.Array:
+    """``x @ (kron(W1, W2) * scale)ᵀ`` for ``x (N, c·d)`` without forming ΔW: ``x₃ (N, c, d)``
+    contracted with ``W2 (b, d)`` then ``W1 (a, c)`` -> ``(N, a·b)``. Autodiff gives gradients of
+    the same sizes (no ΔW-sized array either way)."""
+    w1, w2 = _kron_factors(factors)
+    (a, c), (b, d) = w1.shape, w2.shape
+    n = x.shape[0]
+    t = einsum("ncd,bd->ncb", reshape(x, (n, c, d)), w2)
+    return scaled(reshape(einsum("ncb,ac->nab", t, w1), (n, a * b)), scale)
 
 
 def linear_grads(

@@ -427,20 +427,35 @@ def _delta(target: Target, factors: Mapping[str, jax.Array], scaling: Any, key: 
     """One layer's ΔW at ``scaling`` (``alpha / r`` times the user's scale) in the kernel's layout."""
     plan = target.plan
     delta = _DELTA[plan.peft_type](factors, scaling, plan.weight_shape)
-    if key is not None and (plan.rank_dropout or plan.module_dropout):
-        rank_key, module_key = jax.random.split(key)
-        if plan.rank_dropout:
-            keep = functional.rank_dropout_keep(rank_key, plan.weight_shape[0], plan.rank_dropout)
-            mask_dtype = jnp.float32 if plan.fp32_dropout_mask else None
-            delta = functional.apply_rank_dropout(delta, keep, rescale=plan.rank_dropout_scale, mask_dtype=mask_dtype)
-        if plan.module_dropout:
-            delta = jnp.where(jax.random.uniform(module_key) > plan.module_dropout, delta, jnp.zeros_like(delta))
+    rows, keep = dropout_draws(plan, key, jnp.result_type(*factors.values()))
+    if rows is not None:
+        delta = (delta * rows.reshape((-1,) + (1,) * (delta.ndim - 1))).astype(delta.dtype)
+    if keep is not True:
+        delta = jnp.where(keep, delta, jnp.zeros_like(delta))
     return target.layout.to_kernel(delta) if target.layout is not None else delta
+
+
+def dropout_draws(plan: AdapterPlan, key: jax.Array | None, dtype: Any) -> tuple[jax.Array | None, Any]:
+    """``(rows, keep)`` of one training call: rank dropout's ``(out,)`` row factors (``None``: none)
+    and module dropout's keep flag (``True``: kept), from ``key`` split in two (``None``: eval)."""
+    if key is None or not (plan.rank_dropout or plan.module_dropout):
+        return None, True
+    rank_key, module_key = jax.random.split(key)
+    rows, keep = None, True
+    if plan.rank_dropout:
+        mask = functional.rank_dropout_keep(rank_key, plan.weight_shape[0], plan.rank_dropout)
+        mask_dtype = jnp.float32 if plan.fp32_dropout_mask else dtype
+        rows = functional.rank_dropout_rows(mask, rescale=plan.rank_dropout_scale, dtype=mask_dtype)
+    if plan.module_dropout:
+        keep = jax.random.uniform(module_key) > plan.module_dropout
+    return rows, keep
 
 
 def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | None = None) -> Any:
     """``params`` with every targeted kernel replaced by ``kernel + ΔW`` (in the kernel's layout and
     dtype, PEFT's merge arithmetic); same tree structure; differentiable in ``adapter`` and jittable.
+    Training through it is the ``"merged"`` forward path (``lycoris_core.paths``): one matmul per
+    layer, ΔW formed again in the backward pass rather than kept.
 
     ``scale`` multiplies every module's ``alpha / r`` (``set_scale``; a traced value is fine).
     ``key`` applies rank and module dropout as in PEFT's training forward (one draw per module).
@@ -459,7 +474,9 @@ def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | N
         module, target = by_path.get(names[:-1], (None, None))
         if target is None or names[-1] != target.leaf:
             return leaf
-        delta = delta_weight(adapter, module, scale=scale, key=keys.get(module))
+        # rematerialised: the backward pass forms ΔW again instead of keeping its rank-r products
+        remat = jax.checkpoint(lambda a, s, k: delta_weight(a, module, scale=s, key=k))
+        delta = remat(adapter, scale, keys.get(module))
         if tuple(delta.shape) != tuple(leaf.shape):
             raise ValueError(
                 f"{module}.{target.leaf}: shape {tuple(leaf.shape)} does not fit the adapter's {delta.shape}"

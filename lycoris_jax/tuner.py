@@ -22,6 +22,7 @@ from safetensors.flax import load_file, save
 
 from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig
 from lycoris_core.bookkeeping import TunerBookkeeping
+from lycoris_core.paths import check_forward_path
 from lycoris_jax.layer import (
     LINEAR_LAYERS,
     SUPPORTED_LAYERS,
@@ -86,6 +87,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         state_dict: Mapping[str, Any] | None = None,
         stacks: Sequence[str] = (),
         branch_dtype: str = "adapter",
+        forward_path: str = "auto",
     ) -> None:
         """Inject ``adapter_name`` into ``model`` (in place) and make it active.
 
@@ -97,9 +99,12 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         one per layer, for every config field and checkpoint key; its adapter is one layer whose
         factors and scales carry the stack's leading layer axis. ``branch_dtype="base"`` runs the
         adapter branch in the base layer's compute ``dtype`` (e.g. bfloat16 on TPU) from float32
-        factors; the default ``"adapter"`` is PEFT's arithmetic.
+        factors; the default ``"adapter"`` is PEFT's arithmetic. ``forward_path`` says how the forward
+        pass computes the adapters (``lycoris_core.paths``): ``"auto"`` (the cheaper of ``"merged"``
+        and ``"factored"`` per call), one of those, or ``"peft"`` (PEFT's two-branch arithmetic).
         """
         self.stacks = tuple(stacks)
+        self.forward_path = check_forward_path(forward_path)
         self.branch_dtype = check_branch_dtype(branch_dtype)
         self.model = model
         self.rngs = rngs if rngs is not None else default_rngs()
@@ -201,7 +206,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
     _replace_child = staticmethod(_set_child)
 
     def _layer_kwargs(self) -> dict[str, Any]:
-        return {"rngs": self.rngs, "branch_dtype": self.branch_dtype}
+        return {"rngs": self.rngs, "branch_dtype": self.branch_dtype, "forward_path": self.forward_path}
 
     def _resolve_targets(self, config: LycorisConfig) -> dict[str, Any]:
         if config.modules_to_save:

@@ -8,11 +8,13 @@
 """
 
 from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
-from lycoris_torch import functional, loha, lokr
+from lycoris_core.paths import FORWARD_PATHS
+from lycoris_torch import functional, loha, lokr, paths
 from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer
 from lycoris_torch.tuner import LoHaModel, LoKrModel, LycorisTuner, ModulesToSaveWrapper
 
 __all__ = [
+    "FORWARD_PATHS",
     "CheckpointError",
     "LoHaConfig",
     "LoHaLayer",
@@ -29,4 +31,5 @@ __all__ = [
     "functional",
     "loha",
     "lokr",
+    "paths",
 ]

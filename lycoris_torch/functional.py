@@ -35,15 +35,17 @@ def apply_rank_dropout(
     return (weight * mask.view(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
 
 
-def forward_with_weight(base_layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The base layer's own operation with ``weight`` in place of its weight and no bias.
+def forward_with_weight(
+    base_layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The base layer's own operation with ``weight`` in place of its weight, and ``bias`` (default none).
 
     Convolutions go through the layer's ``_conv_forward``, so stride, padding (incl. string
     paddings), dilation, groups and ``padding_mode`` all match the base layer: the unmerged
     output equals the merged output for every padding mode.
     """
     if isinstance(base_layer, nn.Linear):
-        return F.linear(x, weight)
+        return F.linear(x, weight, bias)
     if isinstance(base_layer, (nn.Conv1d, nn.Conv2d)):
-        return base_layer._conv_forward(x, weight, None)
+        return base_layer._conv_forward(x, weight, bias)
     raise TypeError(f"forward_with_weight: unsupported layer type {type(base_layer).__name__}")

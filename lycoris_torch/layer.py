@@ -19,7 +19,8 @@ from torch import nn
 
 from lycoris_core import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_loha, plan_lokr
 from lycoris_core.bookkeeping import LayerBookkeeping
-from lycoris_torch import functional, loha, lokr
+from lycoris_core.paths import check_forward_path, choose_path
+from lycoris_torch import functional, loha, lokr, paths
 
 __all__ = ["SUPPORTED_LAYERS", "LoHaLayer", "LoKrLayer", "LycorisLayer", "layer_shape_of", "put_module"]
 
@@ -240,6 +241,7 @@ class _FactorizedLayer(LycorisLayer):
 
     plan_fn: ClassVar[Callable[..., AdapterPlan]]
     delta_fn: ClassVar[Callable[..., torch.Tensor]]
+    peft_type: ClassVar[str]
 
     def __init__(
         self,
@@ -252,8 +254,12 @@ class _FactorizedLayer(LycorisLayer):
         autocast_adapter_dtype: bool = True,
         module_path: str = "",
         device: torch.device | str | None = None,
+        forward_path: str = "auto",
     ) -> None:
         super().__init__(base_layer)
+        #: How the forward pass computes the adapters (``lycoris_core.paths``): ``"auto"`` picks
+        #: ``"merged"`` or ``"factored"`` per call by cost; ``"peft"`` is PEFT's arithmetic.
+        self.forward_path = check_forward_path(forward_path)
         self.layer_shape = layer_shape_of(self.get_base_layer(), module_path)
         self.module_path = module_path
         #: ``"meta"`` creates factors without storage (``_init_empty_weights``, huge models).
@@ -307,11 +313,61 @@ class _FactorizedLayer(LycorisLayer):
         x = self._cast_input_dtype(x, delta.dtype)
         return functional.forward_with_weight(self.get_base_layer(), x, delta)
 
+    # ------------------------------------------------------------------ forward paths
+    def _forward_path(self, adapter_name: str, x: torch.Tensor) -> str:
+        """``lycoris_core.paths.choose_path`` for this call (tokens: ``x``'s leading dims; a conv's
+        batch times positions); the training cost counts in training mode."""
+        base = self.get_base_layer()
+        tokens = x.numel() // x.shape[-1] if isinstance(base, nn.Linear) else x.numel() // max(x.shape[1], 1)
+        return choose_path(
+            self.forward_path,
+            self.plans[adapter_name],
+            tokens,
+            training=self.training,
+            linear=isinstance(base, nn.Linear),
+        )
+
+    def _rows(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """This call's rank-dropout row factors ``(out,)`` (drawn as PEFT draws them), or ``None``."""
+        plan = self.plans[adapter_name]
+        if not (self.training and plan.rank_dropout):
+            return None
+        keep = functional.rank_dropout_keep(self.layer_shape.out_features, plan.rank_dropout, generator=self.generator)
+        ones = torch.ones(self.layer_shape.out_features, 1, dtype=dtype)
+        mask_dtype = torch.float32 if plan.fp32_dropout_mask else None
+        return functional.apply_rank_dropout(ones, keep, rescale=plan.rank_dropout_scale, mask_dtype=mask_dtype)[:, 0]
+
+    def _fold(self, adapter_name: str, keep: bool) -> paths.Fold:
+        params = self.factors[adapter_name]
+        names = tuple(params)
+        dtype = params[names[0]].dtype
+        return paths.Fold(
+            names, tuple(params[n] for n in names), self.scaling[adapter_name], self._rows(adapter_name, dtype)
+        )
+
+    def _folded_forward(self, folds: list[paths.Fold], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The ``"merged"`` path: the base layer called once with ``W + Σ ΔW``."""
+        shape, delta_fn = self.get_base_layer().weight.shape, type(self).delta_fn
+        delta = lambda factors, scale: delta_fn(factors, scale, shape)  # noqa: E731
+        return paths.folded_forward(self.get_base_layer(), x, folds, delta, type(self).peft_type)
+
+    def _factored_activations(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The ``"factored"`` branch of an ``nn.Linear`` adapter: no ΔW, forward or backward."""
+        params = dict(self.factors[adapter_name])
+        dtype = next(iter(params.values())).dtype
+        rows = self._rows(adapter_name, dtype)
+        x = self._cast_input_dtype(x, dtype)
+        y = paths.factored_delta(
+            type(self).peft_type, x, params, self.scaling[adapter_name], self.layer_shape.out_features
+        )
+        return y if rows is None else (y * rows).to(y.dtype)
+
 
 class LoHaLayer(_FactorizedLayer):
     """LoHa adapter on a Linear, Conv1d or Conv2d layer (factors ``hada_*``)."""
 
     adapter_layer_names = LOHA_FACTORS
+    peft_type = "LOHA"
     plan_fn = staticmethod(plan_loha)
     delta_fn = staticmethod(loha.delta_weight)
 
@@ -320,5 +376,6 @@ class LoKrLayer(_FactorizedLayer):
     """LoKr adapter on a Linear, Conv1d or Conv2d layer (factors ``lokr_*``)."""
 
     adapter_layer_names = LOKR_FACTORS
+    peft_type = "LOKR"
     plan_fn = staticmethod(plan_lokr)
     delta_fn = staticmethod(lokr.delta_weight)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["delta_weight", "make_weight", "make_weight_cp"]
+__all__ = ["delta_weight", "linear_forward", "linear_grads", "make_weight", "make_weight_cp"]
 
 
 def make_weight(
@@ -52,3 +52,33 @@ def delta_weight(factors: Mapping[str, torch.Tensor], scale: float, weight_shape
     else:
         weight = make_weight(f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"], scale)
     return weight.reshape(tuple(weight_shape))
+
+
+def _pair_products(factors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``R (out, r·r)`` and ``Q (in, r·r)`` with ``ΔW = R Qᵀ · scale`` (twin of ``lycoris_jax.loha``)."""
+    f = factors
+    r = torch.einsum("op,oq->opq", f["hada_w1_a"], f["hada_w2_a"])
+    q = torch.einsum("pi,qi->ipq", f["hada_w1_b"], f["hada_w2_b"])
+    return r.reshape(r.shape[0], -1), q.reshape(q.shape[0], -1)
+
+
+def linear_forward(x: torch.Tensor, factors: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """``x @ ΔWᵀ`` for ``x (N, in)`` without forming ΔW: ``(x Q) Rᵀ · scale`` through width ``r·r``."""
+    r, q = _pair_products(factors)
+    return ((x @ q) @ r.T) * scale
+
+
+def linear_grads(
+    x: torch.Tensor, dy: torch.Tensor, factors: Mapping[str, torch.Tensor], scale: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(dx, dfactors)`` of ``y = x @ ΔWᵀ`` for ``x (N, in)``, ``dy (N, out)`` without forming ΔW or a
+    ΔW-sized gradient: with ``Y = dy R``, ``Z = x Q``: ``dx = Y Qᵀ``, ``dR = dyᵀ Z``, ``dQ = xᵀ Y``."""
+    names = list(factors)
+    with torch.enable_grad():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in factors.items()}
+        r, q = _pair_products(leaves)
+        with torch.no_grad():
+            y, z = dy @ r, x @ q
+            dr, dq, dx = (dy.T @ z) * scale, (x.T @ y) * scale, (y @ q.T) * scale
+        grads = torch.autograd.grad((r, q), [leaves[k] for k in names], (dr, dq))
+    return dx, dict(zip(names, grads, strict=True))

@@ -14,7 +14,7 @@ import torch
 
 from lycoris_core import factorization
 
-__all__ = ["delta_weight", "factorization", "make_kron", "make_weight_cp"]
+__all__ = ["delta_weight", "factorization", "linear_forward", "linear_grads", "make_kron", "make_weight_cp"]
 
 
 def make_weight_cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -48,3 +48,41 @@ def delta_weight(factors: Mapping[str, torch.Tensor], scale: float, weight_shape
     else:
         w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
     return make_kron(w1, w2, scale).reshape(tuple(weight_shape))
+
+
+def _kron_factors(factors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W1 (a, c), W2 (b, d))`` of a Linear adapter."""
+    f = factors
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    return w1, w2
+
+
+def linear_forward(x: torch.Tensor, factors: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """``x @ (kron(W1, W2) * scale)ᵀ`` for ``x (N, c·d)`` without forming ΔW: ``x₃ (N, c, d)``
+    contracted with ``W2 (b, d)`` then ``W1 (a, c)`` -> ``(N, a·b)`` (autograd stays factor-sized)."""
+    w1, w2 = _kron_factors(factors)
+    (a, c), (b, d) = w1.shape, w2.shape
+    t = torch.einsum("ncd,bd->ncb", x.reshape(-1, c, d), w2)
+    return torch.einsum("ncb,ac->nab", t, w1).reshape(-1, a * b) * scale
+
+
+def linear_grads(
+    x: torch.Tensor, dy: torch.Tensor, factors: Mapping[str, torch.Tensor], scale: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(dx, dfactors)`` of ``y = x @ (kron(W1, W2) * scale)ᵀ`` for ``x (N, c·d)``, ``dy (N, a·b)``,
+    never forming ΔW (twin of ``lycoris_jax.lokr.linear_grads``)."""
+    names = list(factors)
+    with torch.enable_grad():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in factors.items()}
+        w1, w2 = _kron_factors(leaves)
+        (a, c), (b, d) = w1.shape, w2.shape
+        x3, dy3 = x.reshape(-1, c, d), dy.reshape(-1, a, b)
+        with torch.no_grad():
+            t = torch.einsum("nab,bd->nad", dy3, w2)
+            u = torch.einsum("ncd,ac->nad", x3, w1)
+            dw1 = torch.einsum("nad,ncd->ac", t, x3) * scale
+            dw2 = torch.einsum("nab,nad->bd", dy3, u) * scale
+            dx = (torch.einsum("nad,ac->ncd", t, w1) * scale).reshape(x.shape)
+        grads = torch.autograd.grad((w1, w2), [leaves[k] for k in names], (dw1, dw2), allow_unused=True)
+    return dx, {k: g if g is not None else torch.zeros_like(factors[k]) for k, g in zip(names, grads, strict=True)}

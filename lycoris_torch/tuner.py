@@ -19,6 +19,7 @@ from torch import nn
 
 from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig, checkpoint_key
 from lycoris_core.bookkeeping import TunerBookkeeping
+from lycoris_core.paths import check_forward_path
 from lycoris_core.state import modules_to_save_key
 from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer, layer_shape_of, put_module
 
@@ -79,13 +80,17 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         *,
         autocast_adapter_dtype: bool = True,
         state_dict: Mapping[str, torch.Tensor] | None = None,
+        forward_path: str = "auto",
     ) -> None:
         """Inject ``adapter_name`` into ``model`` (in place) and make it active.
 
         ``state_dict`` optionally gives the factors' values under PEFT checkpoint keys; it is
-        checked against the planned shapes before the model is touched.
+        checked against the planned shapes before the model is touched. ``forward_path`` says how
+        the forward pass computes the adapters (``lycoris_core.paths``): ``"auto"`` (the cheaper of
+        ``"merged"`` and ``"factored"`` per call), one of those, or ``"peft"`` (PEFT's arithmetic).
         """
         nn.Module.__init__(self)
+        self.forward_path = check_forward_path(forward_path)
         self.model = model
         self.training = model.training  # the wrapper reports the mode of the model it wraps
         self.peft_config: dict[str, LycorisConfig] = {}

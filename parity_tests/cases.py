@@ -6,9 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CASES", "QUICK", "SKIPPED", "Case", "LayerSpec", "build_cases"]
+__all__ = ["CASES", "PATH_MODES", "QUICK", "SKIPPED", "Case", "LayerSpec", "build_cases"]
 
 DTYPES = ("fp32", "bf16", "fp16")
+#: Forward paths with a column of their own (``lycoris_core.paths``); the default column is ``"auto"``.
+PATH_MODES = ("peft", "merged", "factored")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,10 @@ class Case:
     labels: tuple[str, ...] = ()
     seed: int = 0
     extra_ops: tuple[str, ...] = field(default=())
-    #: A JAX-only mode (a column of its own): ``"branch_base"`` builds the JAX tuner with
-    #: ``branch_dtype="base"`` (the branch in the base layer's compute dtype, mixed precision).
+    #: A column of its own: ``"branch_base"`` builds the JAX tuner with ``branch_dtype="base"`` (the
+    #: branch in the base layer's compute dtype, mixed precision); a forward path (``"peft"``,
+    #: ``"merged"``, ``"factored"``) builds both twins with that ``forward_path``. No mode: the
+    #: default path (``"auto"``, the cost rule).
     mode: str = ""
 
     @property
@@ -68,9 +72,14 @@ class Case:
         return f"{self.dtype}+{self.mode}" if self.mode else self.dtype
 
     @property
+    def twin_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of both twins' tuners for this case's mode."""
+        return {"forward_path": self.mode} if self.mode in PATH_MODES else {}
+
+    @property
     def jax_kwargs(self) -> dict[str, Any]:
         """Extra arguments of the JAX tuner for this case's mode."""
-        return {"branch_dtype": "base"} if self.mode == "branch_base" else {}
+        return {"branch_dtype": "base"} if self.mode == "branch_base" else self.twin_kwargs
 
     def config_kwargs(self) -> dict[str, Any]:
         """Config kwargs shared by PEFT and both twins (``rank_dropout`` > 0 only acts in training)."""
@@ -137,6 +146,17 @@ def build_cases() -> tuple[list[Case], list[tuple[str, str]]]:
             if dtype != "fp32":  # mixed precision: the same cases with the branch in the base's dtype
                 cases.append(Case("loha", layer, dtype, *loha_opts[0], mode="branch_base"))
                 cases.append(Case("lokr", layer, dtype, *lokr_opts[0], mode="branch_base"))
+            for path in PATH_MODES:  # every forward path on every layer and dtype
+                if path == "factored" and layer.kind != "linear":
+                    skipped.append(
+                        (f"*-{layer.name}-{dtype}-*-factored", "the factored path is Linear-only; convs take merged")
+                    )
+                    continue
+                cases.append(Case("loha", layer, dtype, *loha_opts[0], mode=path))
+                cases.append(Case("lokr", layer, dtype, *lokr_opts[0], mode=path))
+            if layer.kind == "linear" and dtype == "fp32":  # the LoKr factor shapes on the factored path
+                for opts, labels in _lokr_options(layer)[1:]:
+                    cases.append(Case("lokr", layer, dtype, opts, labels, mode="factored"))
     skipped.append(("loha-*-r16", "LoHa's factor structure does not depend on r (unlike LoKr's full/decomposed w1/w2)"))
     skipped.append(("lokr-linear-*-effconv", "effective conv is forced off for Linear (PEFT rule)"))
     by_name = {layer.name: layer for layer in LAYERS}
@@ -176,5 +196,9 @@ _QUICK_IDS = {
     "lokr-linear-fp32-r1-decompose_both-df4",
     "loha-linear-fp32-patterns",
     "lokr-conv2d_3x3-fp32-r1-init_lycoris",
+    "loha-linear-fp32-plain-merged",
+    "lokr-linear-fp32-r16-factored",
+    "loha-conv2d_3x3-bf16-plain-merged",
+    "lokr-linear-fp32-r1-peft",
 }
 QUICK = [c for c in CASES if c.id in _QUICK_IDS]

@@ -155,7 +155,9 @@ class Frameworks:
         tuner_t = lt.LoHaModel if case.algo == "loha" else lt.LoKrModel
         init_only = "init" in case.extra_ops
         state_t = None if init_only else {k: torch.from_numpy(v) for k, v in _state(inp.factors).items()}
-        self.torch = tuner_t(copy.deepcopy(self.torch_base), _config(case, "lt"), state_dict=state_t)
+        self.torch = tuner_t(
+            copy.deepcopy(self.torch_base), _config(case, "lt"), state_dict=state_t, **case.twin_kwargs
+        )
         self.jax = self.make_jax(None if init_only else _state(inp.factors))
         self.peft = None
         self.note = "" if peft is not None else " PEFT not installed: twins only;"
@@ -267,6 +269,7 @@ def op_init(fw: Frameworks, cell: Cell) -> None:
         copy.deepcopy(fw.torch_base),
         _config(fw.case, "lt"),
         state_dict={k: torch.from_numpy(v) for k, v in _state(fw.inp.factors).items()},
+        **fw.case.twin_kwargs,
     ).eval()
     fw.jax = fw.make_jax(_state(fw.inp.factors))
     fw.jax.model.eval()

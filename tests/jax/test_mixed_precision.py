@@ -69,7 +69,7 @@ def test_base_compute_dtype_against_peft_and_by_hand(tmp_path, kind):
         expected = theirs(torch.from_numpy(X).to(torch.bfloat16)).float().numpy()
     x = jnp.asarray(X, jnp.bfloat16)
     peft_mode = lj.LycorisTuner.from_pretrained(nnx_layer(), tmp_path)
-    mixed = lj.LycorisTuner.from_pretrained(nnx_layer(), tmp_path, branch_dtype="base")
+    mixed = lj.LycorisTuner.from_pretrained(nnx_layer(), tmp_path, branch_dtype="base", forward_path="peft")
     layer = mixed.model.layers[0]
     assert {v.dtype for v in layer.factors["default"].values()} == {jnp.dtype(jnp.float32)}  # PEFT's autocast
 
@@ -92,6 +92,13 @@ def test_base_compute_dtype_against_peft_and_by_hand(tmp_path, kind):
         )(tuner)
     for a, b in zip(jax.tree.leaves(grads["peft"]), jax.tree.leaves(grads["base"]), strict=True):
         assert b.dtype == jnp.float32 and relative(b, a) <= 4 * BF16_ULP
+    # the faster paths in bf16: same tolerance against PEFT, every activation-sized matmul in bf16
+    for path in ("merged", "factored"):
+        fast = lj.LycorisTuner.from_pretrained(nnx_layer(), tmp_path, branch_dtype="base", forward_path=path)
+        assert relative(fast(x), expected) <= 2 * BF16_ULP, path
+        jaxpr = str(jax.make_jaxpr(lambda t, x: t(x))(fast, x))
+        outputs = [line.split("=")[0] for line in jaxpr.splitlines() if "dot_general" in line]
+        assert all("bf16[" in o for o in outputs if f"[4,{OUT}]" in o), (path, outputs)
 
 
 def test_linen_branch_dtype_base_and_bad_values():

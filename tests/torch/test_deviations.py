@@ -268,3 +268,53 @@ def test_n_non_finite_factors_are_refused_on_load_unless_asked_for(tmp_path):
         lt.LycorisTuner.from_pretrained(Pair(), tmp_path)
     ours = lt.LycorisTuner.from_pretrained(Pair(), tmp_path, allow_nonfinite=True)
     assert torch.isnan(ours(torch.randn(2, 6))).any()
+
+
+class _PathModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(24, 36)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.conv(img)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+@pytest.mark.parametrize("path", ["peft", "merged", "factored", "auto"])
+def test_o_forward_paths_agree_with_peft_within_rounding(kind, path):
+    """Training mode with rank and module dropout (PEFT's global-RNG draws, same seed): outputs and
+    factor gradients of every path within 1e-6 of PEFT's largest value; ``"peft"`` bit-identical."""
+    torch.manual_seed(0)
+    base = _PathModel()
+    kw = dict(r=4, alpha=6, target_modules=["lin", "conv"], init_weights=False, rank_dropout=0.3, module_dropout=0.2)
+    theirs = peft.get_peft_model(copy.deepcopy(base), (peft.LoKrConfig if kind == "lokr" else peft.LoHaConfig)(**kw))
+    ours = (lt.LoKrModel if kind == "lokr" else lt.LoHaModel)(
+        copy.deepcopy(base), (lt.LoKrConfig if kind == "lokr" else lt.LoHaConfig)(**kw), forward_path=path
+    )
+    with torch.no_grad():  # same factors on both sides
+        for name, layer in (("lin", ours.model.lin), ("conv", ours.model.conv)):
+            for factor, param in layer.factors["default"].items():
+                param.copy_(getattr(getattr(theirs.base_model.model, name), factor)["default"])
+    x, img = torch.randn(5, 24), torch.randn(2, 4, 6, 6)
+    results = []
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(7)  # the dropout draws
+        outs = model(x, img)
+        sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+        grads = {}
+        for name, param in model.named_parameters():
+            if param.grad is not None:  # PEFT: ...lin.lokr_w1.default; ours: ...lin.factors.default.lokr_w1
+                parts = name.split(".")
+                module = parts[-3] if model is theirs else parts[-4]
+                grads[module, parts[-2] if model is theirs else parts[-1]] = param.grad
+        results.append((outs, grads))
+    (p_outs, p_grads), (o_outs, o_grads) = results
+    for mine, ref in zip(o_outs, p_outs, strict=True):
+        err = float((mine - ref).detach().abs().max() / ref.detach().abs().max())
+        assert (err == 0.0) if path == "peft" else err <= 1e-6, (path, err)
+    assert sorted(o_grads) == sorted(p_grads) and p_grads
+    for key, ref in p_grads.items():
+        err = float((o_grads[key] - ref).abs().max() / ref.abs().max())
+        assert err <= 1e-6, (path, key, err)

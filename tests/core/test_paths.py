@@ -1,0 +1,50 @@
+"""The forward-path cost rule (``lycoris_core.paths``): framework-free, no arrays."""
+
+from __future__ import annotations
+
+import pytest
+
+from lycoris_core import LayerShape, LoHaConfig, LoKrConfig, plan_loha, plan_lokr
+from lycoris_core.paths import FORWARD_PATHS, check_forward_path, choose_path, path_costs
+
+LINEAR = LayerShape("linear", 512, 512)
+CONV = LayerShape("conv2d", 64, 32, (3, 3))
+
+
+def lokr(shape=LINEAR, **kw):
+    return plan_lokr(shape, kw.pop("r", 8), 8.0, LoKrConfig(**kw))
+
+
+def loha(shape=LINEAR):
+    return plan_loha(shape, 8, 8.0, LoHaConfig())
+
+
+def test_explicit_paths_are_kept_and_factored_needs_a_linear():
+    for path in ("peft", "merged"):
+        assert choose_path(path, lokr(), 512, training=True, linear=True) == path
+    assert choose_path("factored", lokr(), 512, training=True, linear=True) == "factored"
+    assert choose_path("factored", lokr(CONV), 512, training=True, linear=False) == "merged"
+    assert choose_path("factored", lokr(), 512, training=True, linear=False) == "merged"  # e.g. LinearGeneral
+    assert choose_path("auto", loha(CONV), 8, training=False, linear=False) == "merged"
+
+
+def test_auto_takes_the_cheaper_of_merged_and_factored():
+    # LoHa: the r² branch is cheap for a few tokens, forming ΔW is cheaper for many
+    assert choose_path("auto", loha(), 1, training=False, linear=True) == "factored"
+    assert choose_path("auto", loha(), 4096, training=True, linear=True) == "merged"
+    # LoKr's factored product stays cheaper than forming a 4096x4096 ΔW up to thousands of tokens
+    big = lokr(LayerShape("linear", 4096, 4096))
+    assert choose_path("auto", big, 16, training=True, linear=True) == "factored"
+    for tokens in (1, 64, 4096):
+        costs = path_costs(loha(), tokens, training=True)
+        expected = "factored" if costs["factored"] <= costs["merged"] else "merged"
+        assert choose_path("auto", loha(), tokens, training=True, linear=True) == expected
+        if tokens >= 64:  # PEFT's second matmul costs more than adding ΔW to W once tokens add up
+            assert costs["peft"] > costs["merged"]
+
+
+def test_cost_rule_inputs_are_checked():
+    assert check_forward_path("auto") == "auto" and set(FORWARD_PATHS) == {"auto", "factored", "merged", "peft"}
+    with pytest.raises(ValueError, match="forward_path: expected one of .*got 'fast'"):
+        check_forward_path("fast")
+    assert "factored" not in path_costs(lokr(CONV), 64, training=True)
