@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -113,49 +112,41 @@ def _ids() -> jax.Array:
     return jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, VOCAB)
 
 
-def _compiled_temp(jitted: Any, *args: Any) -> float:
-    """MiB of temporaries the compiled step needs (``memory_analysis``)."""
-    return jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+def functional_step(model: nnx.Module, wrt: Any, loss_fn: Callable[[nnx.Module], jax.Array]) -> Callable[[], Any]:
+    """One Adam step on the ``wrt`` variables of ``model``, as ``jax.jit`` of ``nnx.split`` state (the
+    other variables are constants of the step; ``nnx.jit``'s per-call graph walk is left out)."""
+    graphdef, params, rest = nnx.split(model, wrt, ...)
+    tx = optax.adam(1e-4)
+
+    @jax.jit
+    def step(params: Any, opt_state: Any, rest: Any) -> Any:
+        value, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest)))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    box = [params, tx.init(params)]
+
+    def run() -> None:
+        box[0], box[1], value = step(box[0], box[1], rest)
+        jax.block_until_ready(value)
+
+    return run
 
 
 def nnx_steps(paths: tuple[str, ...]) -> dict[str, Callable[[], Any]]:
-    """``{name: run one step}`` for the NNX Llama: frozen, full, and each method on each path."""
+    """``{name: run one step}`` for the NNX Llama: frozen (embeddings only), full, and each method on
+    each forward path."""
     ids = _ids()
-    out: dict[str, Callable[[], Any]] = {}
-
-    model = NnxLlama()
-    frozen = nnx.jit(
-        lambda m, ids: nnx.grad(lambda m: xent(m(ids), ids), argnums=nnx.DiffState(0, nnx.PathContains("embed")))(m)
-    )
-    out["frozen"] = lambda: jax.block_until_ready(frozen(model, ids))
-
-    full_model = NnxLlama()
-    full_opt = nnx.Optimizer(full_model, optax.adam(1e-4), wrt=nnx.Param)
-
-    @nnx.jit
-    def full_step(m: Any, o: Any, ids: jax.Array) -> jax.Array:
-        loss, grads = nnx.value_and_grad(lambda m: xent(m(ids), ids))(m)
-        o.update(m, grads)
-        return loss
-
-    out["full"] = lambda: jax.block_until_ready(full_step(full_model, full_opt, ids))
+    loss = lambda m: xent(m(ids), ids)  # noqa: E731
+    out = {
+        "frozen": functional_step(NnxLlama(), nnx.PathContains("embed"), loss),
+        "full": functional_step(NnxLlama(), nnx.Param, loss),
+    }
     for method, (config_cls, tuner_cls) in METHODS.items():
         for path in paths:
             tuner = tuner_cls(NnxLlama(), config_cls(r=R, alpha=R, target_modules=TARGETS), forward_path=path)
             tuner.train()
-            opt = nnx.Optimizer(tuner, optax.adam(1e-4), wrt=lj.LycorisParam)
-
-            @nnx.jit
-            def step(t: Any, o: Any, ids: jax.Array) -> jax.Array:
-                loss, grads = nnx.value_and_grad(
-                    lambda t: xent(t(ids), ids), argnums=nnx.DiffState(0, lj.LycorisParam)
-                )(t)
-                o.update(t, grads)
-                return loss
-
-            out[f"{method} {path}"] = lambda step=step, tuner=tuner, opt=opt: jax.block_until_ready(
-                step(tuner, opt, ids)
-            )
+            out[f"{method} {path}"] = functional_step(tuner, lj.LycorisParam, loss)
     return out
 
 
@@ -417,6 +408,37 @@ def b2(rounds: int) -> None:
     )
 
 
+class PeakRSS:
+    """``with PeakRSS() as rss: ...``: ``rss.growth_mib`` is the peak resident set size reached inside
+    the block (sampled every millisecond) above the size on entry."""
+
+    @staticmethod
+    def _mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.base = self.peak = self._mib()
+        self._running = True
+
+        def sample() -> None:
+            while self._running:
+                self.peak = max(self.peak, self._mib())
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, self._mib())
+        self.growth_mib = self.peak - self.base
+
+
 def _torch_rss_child(kind: str) -> None:
     import torch
 
@@ -430,39 +452,33 @@ def _torch_rss_child(kind: str) -> None:
         fn()
         growth = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        fn()
-        growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        with PeakRSS() as rss:  # grads and optimizer state count as the step's
+            for _ in range(3):
+                fn()
+        growth = rss.growth_mib
     print(json.dumps({"kind": kind, "peak_growth_mib": growth}))
 
 
 def b3() -> None:
+    """JAX: the compiled gradient step's temporaries plus what training keeps for the trained
+    variables (their gradients and Adam's two moments: 3x their bytes)."""
     ids = _ids()
     rows = []
-    model = NnxLlama()
-    graphdef, state = nnx.split(model)
+    loss = lambda m: xent(m(ids), ids)  # noqa: E731
 
-    def frozen(state: Any) -> Any:
-        m = nnx.merge(graphdef, state)
-        return nnx.grad(lambda m: xent(m(ids), ids), argnums=nnx.DiffState(0, nnx.PathContains("embed")))(m)
+    def step_mib(model: nnx.Module, wrt: Any) -> float:
+        graphdef, params, rest = nnx.split(model, wrt, ...)
+        grad = jax.jit(lambda p, r: jax.grad(lambda p: loss(nnx.merge(graphdef, p, r)))(p))
+        memory = grad.lower(params, rest).compile().memory_analysis()
+        trained = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+        return (memory.temp_size_in_bytes + 3 * trained) / 2**20
 
-    def full(state: Any) -> Any:
-        m = nnx.merge(graphdef, state)
-        return nnx.grad(lambda m: xent(m(ids), ids))(m)
-
-    jax_mib = {"frozen": _compiled_temp(jax.jit(frozen), state), "full": _compiled_temp(jax.jit(full), state)}
+    jax_mib = {"frozen": step_mib(NnxLlama(), nnx.PathContains("embed")), "full": step_mib(NnxLlama(), nnx.Param)}
     for method, (config_cls, tuner_cls) in METHODS.items():
         for path in ("auto", "peft"):
             tuner = tuner_cls(NnxLlama(), config_cls(r=R, alpha=R, target_modules=TARGETS), forward_path=path)
             tuner.train()
-            g, s = nnx.split(tuner)
-
-            def step(s: Any, g: Any = g) -> Any:
-                t = nnx.merge(g, s)
-                return nnx.grad(lambda t: xent(t(ids), ids), argnums=nnx.DiffState(0, lj.LycorisParam))(t)
-
-            jax_mib[f"{method} {path}"] = _compiled_temp(jax.jit(step), s)
+            jax_mib[f"{method} {path}"] = step_mib(tuner, lj.LycorisParam)
     torch_mib = {}
     for kind in ("frozen", "full", "lokr peft", "loha peft", "lokr lycoris_torch", "loha lycoris_torch"):
         proc = subprocess.run(
@@ -474,7 +490,8 @@ def b3() -> None:
     for key, value in torch_mib.items():
         rows.append(["torch " + key, value, value / torch_mib["full"]])
     table(
-        "B3: step memory (JAX: compiled temp MiB; torch: peak RSS growth over two steps, MiB)",
+        "B3: step memory, MiB (JAX: the compiled gradient step's temporaries + 3x the trained bytes for "
+        "gradients and Adam; torch: peak RSS growth over three optimizer steps, from before the first)",
         ["step", "MiB", "/ full"],
         rows,
     )
@@ -490,26 +507,47 @@ def b4(rounds: int, dim: int = 4096, tokens: tuple[int, ...] = (1, 16, 128, 1024
             lj.LoKrConfig(r=R, alpha=R, target_modules=["layers.0"]),
             forward_path=path,
         )
-    layer_step = nnx.jit(
-        lambda t, x: nnx.grad(lambda t: (t(x) ** 2).mean(), argnums=nnx.DiffState(0, lj.LycorisParam))(t)
-    )
+        tuners[path].train()
+    kernel = layer.kernel[...]
+    frozen = jax.jit(jax.grad(lambda x, k: ((x @ k) ** 2).mean()))
     for n in tokens:
         x = jax.random.normal(jax.random.key(0), (n, dim))
-        fns = {}
-        for path, tuner in tuners.items():
-            fns[path] = lambda tuner=tuner, x=x: jax.block_until_ready(layer_step(tuner, x))
+        loss = lambda t, x=x: (t(x) ** 2).mean()  # noqa: E731
+        fns = {path: functional_step(tuner, lj.LycorisParam, loss) for path, tuner in tuners.items()}
+        fns["frozen"] = lambda x=x: jax.block_until_ready(frozen(x, kernel))
+        for path in ("factored", "merged"):  # inference: the forward alone, eval mode
+            graphdef, state = nnx.split(tuners[path])
+            forward = jax.jit(lambda s, x, graphdef=graphdef: nnx.merge(graphdef, s)(x))
+            fns[f"{path} fwd"] = lambda forward=forward, state=state, x=x: jax.block_until_ready(forward(state, x))
         t = round_robin(fns, rounds)
-        rows.append([n, t["factored"] * 1e3, t["merged"] * 1e3, t["peft"] * 1e3, t["factored"] / t["merged"]])
+        rows.append(
+            [
+                n,
+                *(t[k] * 1e3 for k in ("frozen", "factored", "merged", "peft")),
+                t["factored"] / t["merged"],
+                *(t[k] * 1e3 for k in ("factored fwd", "merged fwd")),
+                t["factored fwd"] / t["merged fwd"],
+            ]
+        )
     table(
-        f"B4: LoKr {dim}x{dim} train step (forward + factor gradients), r={R}",
-        ["tokens", "factored ms", "merged ms", "peft ms", "factored / merged"],
+        f"B4: LoKr {dim}x{dim}, r={R}: train step (forward + factor gradients; frozen: forward + dx of the layer) "
+        "and eval forward",
+        [
+            "tokens",
+            "frozen ms",
+            "factored ms",
+            "merged ms",
+            "peft ms",
+            "factored / merged",
+            "factored fwd ms",
+            "merged fwd ms",
+            "fwd factored / merged",
+        ],
         rows,
     )
 
 
-def b5() -> None:
-    import gc
-
+def b5(child_method: str = "") -> None:
     d, ff, layers, vocab = 2048, 5632, 22, 32000  # TinyLlama-1.1B's shape
 
     class Big(nnx.Module):
@@ -532,28 +570,32 @@ def b5() -> None:
             )
             self.lm_head = lin(d, vocab)
 
-    rows = []
-    for method, (config_cls, tuner_cls) in METHODS.items():
-        abstract = nnx.eval_shape(lambda: Big(nnx.Rngs(0)))
+    def child(method: str) -> None:
+        config_cls, tuner_cls = METHODS[method]
+        abstract = nnx.eval_shape(lambda: Big(nnx.Rngs(0)))  # no initialiser runs
         graphdef, state = nnx.split(abstract)
-        state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
-        model = nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
         params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        gc.collect()
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
         tuner = tuner_cls(model, config_cls(r=R, alpha=R, target_modules=TARGETS, init_weights=False))
         attach = time.perf_counter() - start
-        start = time.perf_counter()
-        merged = tuner.merge_and_unload()
-        jax.block_until_ready(nnx.state(merged))
-        seconds = time.perf_counter() - start
-        rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-        rows.append([method, f"{params / 1e9:.2f} B", attach, seconds, rss])
-        del tuner, merged, model, state
-        gc.collect()
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            merged = tuner.merge_and_unload()
+            jax.block_until_ready(nnx.state(merged))
+            seconds = time.perf_counter() - start
+        print(json.dumps([method, f"{params / 1e9:.2f} B", attach, seconds, rss.growth_mib]))
+
+    if child_method:
+        return child(child_method)
+    rows = []
+    for method in METHODS:
+        proc = subprocess.run(
+            [sys.executable, __file__, "_b5", method], capture_output=True, text=True, check=True, env=os.environ
+        )
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     table(
-        "B5: merge_and_unload, 1.1B-parameter Llama shape (bf16, 22 layers, d=2048), eager, CPU",
+        "B5: merge_and_unload, 1.1B-parameter Llama shape (bf16, 22 layers, d=2048), eager, CPU, a process each",
         ["method", "parameters", "attach s", "merge_and_unload s", "peak RSS growth MiB"],
         rows,
     )
@@ -572,6 +614,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["LYCORIS_SPEED_SMALL"] = "1"  # for the B3 child processes
     if args.parts[:1] == ["_rss"]:
         return _torch_rss_child(" ".join(args.parts[1:]))
+    if args.parts[:1] == ["_b5"]:
+        return b5(args.parts[1])
     import torch
 
     print(

@@ -26,9 +26,12 @@ __all__ = ["FORWARD_PATHS", "ForwardPath", "check_forward_path", "choose_path", 
 ForwardPath = Literal["auto", "factored", "merged", "peft"]
 FORWARD_PATHS: tuple[str, ...] = ("auto", "factored", "merged", "peft")
 
-#: An elementwise pass over a kernel-sized array costs this many multiply-adds: it is bound by
-#: memory traffic, not arithmetic (calibrated by ``benchmarks/paths.py``, B4).
-ELEMENTWISE_WEIGHT = 4.0
+#: An elementwise pass over a kernel-sized array costs this many multiply-adds per element: it is
+#: bound by memory traffic, not arithmetic. Calibrated with ``benchmarks/speed.py`` on CPU: B4
+#: (LoKr 4096x4096: the eval forward's factored/merged crossover lies between 1024 and 4096 tokens;
+#: in training the factored step stays cheaper through 4096) and B1 (d=512 Llama, 512 tokens: the
+#: factored LoHa and LoKr steps beat the merged ones).
+ELEMENTWISE_WEIGHT = 64.0
 
 
 def check_forward_path(value: object) -> str:

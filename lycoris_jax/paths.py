@@ -60,7 +60,7 @@ def folded_call(
     kernel: jax.Array,
     bias: Any,
     folds: Sequence[Fold],
-    delta: Callable[[Mapping[str, jax.Array], Any], jax.Array],
+    delta: Callable[[Mapping[str, jax.Array], Any, Any], jax.Array],
     *,
     dtype: Any,
     linear: tuple[str, int, int] | None = None,
