@@ -5,13 +5,14 @@ Every path computes PEFT's ``base(x) + Σ f(x; ΔW)``; they differ in what they 
 - ``"peft"``: PEFT's arithmetic. ΔW is formed and the delta branch is a second layer call.
 - ``"merged"``: one layer call with ``W + ΔW``. The backward never keeps ΔW: the Linear twins
   take factored gradients, other layers form ΔW again (rematerialised).
-- ``"factored"``: ``nn.Linear`` only, no ΔW at all. LoKr contracts the input reshaped to
-  ``(N, c, d)`` with ``W2`` then ``W1``; LoHa goes through ``R``/``Q`` of width ``r²``
-  (``ΔW = R Qᵀ``). Gradients follow by autodiff and stay activation- and factor-sized.
+- ``"factored"``: no ΔW at all. LoKr contracts the input reshaped to ``(N, c, d)`` with ``W2``
+  then ``W1`` (a conv: convolves each of the ``c`` input blocks with ``W2``, then mixes with
+  ``W1``); LoHa goes through ``R``/``Q`` of width ``r²`` (``ΔW = R Qᵀ``; a conv: convolves with
+  ``Q``'s ``r²`` channels). Gradients follow by autodiff and stay activation- and factor-sized.
 - ``"auto"`` (the default): the cheapest of the last two by :func:`path_costs`.
 
-A factored request on a layer the algebra does not cover (conv, Tucker, ``LinearGeneral``)
-takes ``"merged"``.
+A factored request where :func:`factorable` or the layer object does not allow it (a grouped or
+masked conv, CP LoHa, ``LinearGeneral``/``Einsum``) takes ``"merged"``.
 """
 
 from __future__ import annotations
@@ -42,18 +43,32 @@ def check_forward_path(value: object) -> str:
 
 
 def factorable(plan: AdapterPlan) -> bool:
-    """The factored path covers ``plan``: a Linear layer (LoKr ``W2`` is then 2-D, never Tucker)."""
-    return plan.layer.kind == "linear" and plan.peft_type in ("LOKR", "LOHA")
+    """The algebra of ``plan`` allows the factored path: any Linear adapter; on an ungrouped conv,
+    LoKr (``W2`` full, low-rank or Tucker: convolve per input block, then mix with ``W1``) and plain
+    LoHa (convolve with ``Q``'s ``r²`` channels, then mix with ``R``). Not: grouped convs, CP LoHa,
+    and a Conv1d LoKr with a full 3-D ``lokr_w2`` (PEFT's own layout, docs/DEVIATIONS.md d)."""
+    layer, shapes = plan.layer, plan.factor_shapes
+    if plan.peft_type not in ("LOKR", "LOHA"):
+        return False
+    if layer.kind == "linear":
+        return True
+    if layer.groups != 1:
+        return False
+    if plan.peft_type == "LOHA":
+        return "hada_t1" not in shapes
+    return not (layer.kind == "conv1d" and len(shapes.get("lokr_w2", ())) == 3)
 
 
 def path_costs(plan: AdapterPlan, tokens: int, *, training: bool) -> dict[str, float]:
     """Multiply-adds each path adds to the frozen layer's forward (and, ``training``, backward).
 
-    ``tokens`` counts the input rows (``N``: batch times sequence, times output positions for a
-    conv). Kernel-sized elementwise passes count :data:`ELEMENTWISE_WEIGHT` each. The frozen
-    layer's own ``dx`` is shared by every path and not counted.
+    ``tokens`` counts the input rows (``N``: batch times sequence; a conv's batch times positions).
+    Kernel-sized elementwise passes count :data:`ELEMENTWISE_WEIGHT` each. The frozen layer's own
+    ``dx`` is shared by every path and not counted.
     """
-    out_f, in_f, numel = plan.layer.out_features, plan.layer.in_features, math.prod(plan.weight_shape)
+    layer = plan.layer
+    out_f, in_f, numel = layer.out_features, layer.in_features, math.prod(plan.weight_shape)
+    k = math.prod(layer.kernel_size)  # 1 for a Linear
     n, ew = float(tokens), ELEMENTWISE_WEIGHT
     if plan.peft_type == "LOKR":
         shapes = plan.factor_shapes
@@ -61,13 +76,15 @@ def path_costs(plan: AdapterPlan, tokens: int, *, training: bool) -> dict[str, f
         c = shapes["lokr_w1"][1] if "lokr_w1" in shapes else shapes["lokr_w1_b"][1]
         b, d = out_f // a, in_f // c
         form = ew * numel  # kron: one product per element
-        step = n * b * c * (a + d)  # x (N, c, d) . W2ᵀ -> (N, c, b) . W1ᵀ -> (N, a, b)
-        grads = n * a * d * 2 * (b + c)  # T, U, dW1, dW2 of ``lokr.linear_grads``
+        step = n * b * c * (d * k + a)  # x (N, c, d) . W2ᵀ -> (N, c, b) . W1ᵀ -> (N, a, b)
+        linear_grads = n * a * d * 2 * (b + c)  # T, U, dW1, dW2 of ``lokr.linear_grads``
     else:
         r2 = float(plan.r * plan.r)
         form = numel * (2 * plan.r + ew)  # two rank-r products and their Hadamard product
-        step = n * r2 * (in_f + out_f)  # (x Q) Rᵀ
-        grads = n * r2 * 2 * (in_f + out_f)  # Y, Z, dR, dQ of ``loha.linear_grads``
+        step = n * r2 * (in_f * k + out_f)  # (x Q) Rᵀ
+        linear_grads = n * r2 * 2 * (in_f + out_f)  # Y, Z, dR, dQ of ``loha.linear_grads``
+    # merged backward: factored for a Linear; a conv's weight gradient and ΔW formed again
+    grads = linear_grads if layer.kind == "linear" else n * numel + form
     costs = {
         "peft": form + n * numel * (3 if training else 1),  # branch matmul, its dx and dΔW
         "merged": form + ew * numel + (grads if training else 0),
@@ -77,11 +94,12 @@ def path_costs(plan: AdapterPlan, tokens: int, *, training: bool) -> dict[str, f
     return costs
 
 
-def choose_path(requested: str, plan: AdapterPlan, tokens: int, *, training: bool, linear: bool) -> str:
+def choose_path(requested: str, plan: AdapterPlan, tokens: int, *, training: bool, supported: bool) -> str:
     """The path one adapter call takes: ``requested`` unless it is ``"auto"`` (cheapest of
-    ``"merged"``/``"factored"`` by :func:`path_costs`) or a ``"factored"`` request on a layer
-    that is not a plain Linear (``linear=False``) or not Linear-shaped (then ``"merged"``)."""
-    can_factor = linear and factorable(plan)
+    ``"merged"``/``"factored"`` by :func:`path_costs`) or ``"factored"`` where the algebra
+    (:func:`factorable`) or the layer object (``supported=False``: a masked conv, a
+    ``LinearGeneral``) does not allow it (then ``"merged"``)."""
+    can_factor = supported and factorable(plan)
     if requested == "peft" or requested == "merged":
         return requested
     if requested == "factored":

@@ -480,7 +480,7 @@ class _FactorizedLayer(LycorisLayer):
             self.plans[adapter_name],
             math.prod(x.shape[:-1]),
             training=not self.deterministic,
-            linear=isinstance(base, nnx.Linear),
+            supported=isinstance(base, nnx.Linear) or (isinstance(base, nnx.Conv) and base.mask is None),
         )
 
     def _rank_dropout_draw(self, adapter_name: str) -> jax.Array | None:
@@ -541,7 +541,8 @@ class _FactorizedLayer(LycorisLayer):
         return paths.folded_call(call, x, kernel[...], bias, folds, delta, dtype=dtype, linear=linear)
 
     def _factored_activations(self, adapter_name: str, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``"factored"`` branch of an ``nnx.Linear`` adapter: no ΔW formed, forward or backward."""
+        """The ``"factored"`` branch of an ``nnx.Linear`` or ``nnx.Conv`` adapter: no ΔW formed, forward
+        or backward; rank dropout scales the output channels."""
         plan = self.plans[adapter_name]
         mask = self._rank_dropout_draw(adapter_name)
         factors = self._factor_values(adapter_name)
@@ -549,9 +550,16 @@ class _FactorizedLayer(LycorisLayer):
         rows = self._rows(adapter_name, mask, jnp.result_type(*factors.values()))
         factors = {k: v.astype(compute) for k, v in factors.items()}
         scale = self._scales[adapter_name].get_value()
-        y = paths.factored_delta(
-            plan.peft_type, self._cast_input_dtype(x, compute), factors, scale, self.layer_shape.out_features
-        )
+        x = self._cast_input_dtype(x, compute)
+        base = self.get_base_layer()
+        if isinstance(base, nnx.Conv):
+
+            def conv(x: jax.Array, weight: jax.Array) -> jax.Array:
+                return functional.call_with_kernel(base, x, functional.to_flax_kernel(weight), **kwargs)
+
+            y = paths.factored_conv(plan.peft_type, conv, x, factors, scale, self.layer_shape.weight_shape)
+        else:
+            y = paths.factored_delta(plan.peft_type, x, factors, scale, self.layer_shape.out_features)
         if rows is not None:
             y = (y * rows).astype(y.dtype)
         out_sharding = kwargs.get("out_sharding")

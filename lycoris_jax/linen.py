@@ -120,8 +120,9 @@ class LycorisModule(nn.Module):
         x, rest = (args[0], args[1:]) if args else (kwargs.pop("inputs"), ())
         plan = target.plan
         dense = isinstance(layer, nn.Dense)
+        supported = dense or (isinstance(layer, nn.Conv) and layer.mask is None)
         path = choose_path(
-            self.forward_path, plan, math.prod(x.shape[:-1]), training=not self.deterministic, linear=dense
+            self.forward_path, plan, math.prod(x.shape[:-1]), training=not self.deterministic, supported=supported
         )
         if path == "peft":
             result = next_fun(*args, **kwargs) if args else next_fun(x, *rest, **kwargs)
@@ -134,7 +135,20 @@ class LycorisModule(nn.Module):
         if path == "factored":
             result = next_fun(x, *rest, **kwargs)
             cast = {k: v.astype(compute) for k, v in factors.items()}
-            y = paths.factored_delta(plan.peft_type, x.astype(compute), cast, scale, plan.weight_shape[0])
+            if dense:
+                y = paths.factored_delta(plan.peft_type, x.astype(compute), cast, scale, plan.weight_shape[0])
+            else:
+
+                def conv(x: Any, weight: Any) -> Any:  # the layer's own conv, PyTorch-layout kernel
+                    view = layer.clone(parent=None, use_bias=False, features=weight.shape[0], dtype=None)
+                    token = _inside_delta.set(True)
+                    try:
+                        kernel = functional.to_flax_kernel(weight)
+                        return view.apply({"params": {"kernel": kernel}}, x, *rest, **kwargs)
+                    finally:
+                        _inside_delta.reset(token)
+
+                y = paths.factored_conv(plan.peft_type, conv, x.astype(compute), cast, scale, plan.weight_shape)
             y = y if rows is None else (y * rows).astype(y.dtype)
             return (
                 (result + y).astype(result.dtype)

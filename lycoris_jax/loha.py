@@ -10,7 +10,7 @@ Pure ``jax.numpy``: jit-, grad- and vmap-friendly; gradients are exact for both 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from lycoris_jax.functional import einsum, like, reshape, scaled
 
-__all__ = ["delta_weight", "linear_forward", "linear_grads", "make_weight", "make_weight_cp"]
+__all__ = ["conv_forward", "delta_weight", "linear_forward", "linear_grads", "make_weight", "make_weight_cp"]
 
 
 def make_weight(w1_a: jax.Array, w1_b: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: Any) -> jax.Array:
@@ -81,3 +81,19 @@ def linear_grads(
     (dfactors,) = to_factors((like(einsum("no,nk->ok", dy, z) * s, r), like(einsum("ni,nk->ik", x, y) * s, q)))
     dx = like(einsum("nk,ik->ni", y, q) * s, x)
     return dx, dfactors, einsum("nk,nk->", y, z).astype(jnp.result_type(scale))
+
+
+def conv_forward(
+    conv: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    factors: Mapping[str, jax.Array],
+    scale: Any,
+    weight_shape: Sequence[int],
+) -> jax.Array:
+    """A conv's ``conv(x, ΔW) * scale`` without forming ΔW (plain form, ungrouped), for ``x (N, *S,
+    in)`` channels last: ``x`` convolved with ``Q``'s ``r·r`` output channels (``Qᵀ`` as a ``(r·r,
+    in, *k)`` kernel), then mixed with ``R (out, r·r)``. ``conv(x, w)`` is the layer's own
+    convolution with the PyTorch-layout kernel ``w`` (no bias)."""
+    r, q = _pair_products(factors)
+    kernel = q.T.reshape(q.shape[1], *tuple(weight_shape)[1:])
+    return scaled(jnp.einsum("...k,ok->...o", conv(x, kernel), r), scale)

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,7 +17,15 @@ import jax.numpy as jnp
 from lycoris_core import factorization
 from lycoris_jax.functional import einsum, like, reshape, scaled
 
-__all__ = ["delta_weight", "factorization", "linear_forward", "linear_grads", "make_kron", "make_weight_cp"]
+__all__ = [
+    "conv_forward",
+    "delta_weight",
+    "factorization",
+    "linear_forward",
+    "linear_grads",
+    "make_kron",
+    "make_weight_cp",
+]
 
 
 def make_weight_cp(t: jax.Array, wa: jax.Array, wb: jax.Array) -> jax.Array:
@@ -96,3 +104,31 @@ def linear_grads(
     dx = like(reshape(einsum("nad,ac->ncd", t, w1) * s, x.shape), x)
     (dfactors,) = to_factors((like(dw1, w1), like(dw2, w2)))
     return dx, dfactors, einsum("nad,nad->", t, u).astype(jnp.result_type(scale))
+
+
+def conv_forward(
+    conv: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    factors: Mapping[str, jax.Array],
+    scale: Any,
+    weight_shape: Sequence[int],
+) -> jax.Array:
+    """A conv's ``conv(x, ΔW) * scale`` without forming ΔW, for ``x (N, *S, c·d)`` (channels last)
+    and an ungrouped ``weight_shape (a·b, c·d, *k)``: the ``c`` input blocks of ``d`` channels are
+    convolved with ``W2 (b, d, *k)`` as a batch, then mixed with ``W1 (a, c)``. ``conv(x, w)`` is
+    the layer's own convolution with the PyTorch-layout kernel ``w`` (no bias)."""
+    f = factors
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    (a, c), (out, cin, *k) = w1.shape, tuple(weight_shape)
+    b, d = out // a, cin // c
+    if "lokr_t2" in f:
+        w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+    else:
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    w2 = w2.reshape(b, d, *k)
+    n, *spatial = x.shape[:-1]
+    blocks = jnp.moveaxis(x.reshape(n, *spatial, c, d), -2, 1).reshape(n * c, *spatial, d)
+    z = conv(blocks, w2)  # (N·c, *S', b)
+    z = z.reshape(n, c, *z.shape[1:])
+    y = jnp.einsum("nc...b,ac->n...ab", z, w1)
+    return scaled(y.reshape(*y.shape[:-2], a * b), scale)

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 
 from lycoris_jax import functional, loha, lokr
 
-__all__ = ["Fold", "factored_delta", "folded_call", "linear_grads_of"]
+__all__ = ["Fold", "factored_conv", "factored_delta", "folded_call", "linear_grads_of"]
 
 _LINEAR = {"LOKR": (lokr.linear_forward, lokr.linear_grads), "LOHA": (loha.linear_forward, loha.linear_grads)}
+_CONV = {"LOKR": lokr.conv_forward, "LOHA": loha.conv_forward}
 
 
 def linear_grads_of(peft_type: str) -> Callable[..., Any]:
@@ -120,3 +121,16 @@ def factored_delta(
     tokens = math.prod(x.shape[:-1])
     y = _LINEAR[peft_type][0](functional.reshape(x, (tokens, x.shape[-1])), factors, scale)
     return functional.reshape(y, (*x.shape[:-1], out_features))
+
+
+def factored_conv(
+    peft_type: str,
+    conv: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    factors: Mapping[str, jax.Array],
+    scale: Any,
+    weight_shape: tuple[int, ...],
+) -> jax.Array:
+    """A conv adapter's branch ``conv(x, ΔW)`` without forming ΔW (``lokr``/``loha.conv_forward``;
+    ``conv(x, w)``: the layer's own convolution with the PyTorch-layout kernel ``w``, no bias)."""
+    return _CONV[peft_type](conv, x, factors, scale, weight_shape)

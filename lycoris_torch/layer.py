@@ -324,7 +324,7 @@ class _FactorizedLayer(LycorisLayer):
             self.plans[adapter_name],
             tokens,
             training=self.training,
-            linear=isinstance(base, nn.Linear),
+            supported=True,  # every wrapped torch layer; the plan says what the algebra allows
         )
 
     def _rows(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -352,15 +352,18 @@ class _FactorizedLayer(LycorisLayer):
         return paths.folded_forward(self.get_base_layer(), x, folds, delta, type(self).peft_type)
 
     def _factored_activations(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The ``"factored"`` branch of an ``nn.Linear`` adapter: no ΔW, forward or backward."""
+        """The ``"factored"`` branch of an ``nn.Linear`` or conv adapter: no ΔW, forward or backward;
+        rank dropout scales the output channels."""
         params = dict(self.factors[adapter_name])
         dtype = next(iter(params.values())).dtype
         rows = self._rows(adapter_name, dtype)
         x = self._cast_input_dtype(x, dtype)
-        y = paths.factored_delta(
-            type(self).peft_type, x, params, self.scaling[adapter_name], self.layer_shape.out_features
-        )
-        return y if rows is None else (y * rows).to(y.dtype)
+        base, scale, kind = self.get_base_layer(), self.scaling[adapter_name], type(self).peft_type
+        if isinstance(base, nn.Linear):
+            y = paths.factored_delta(kind, x, params, scale, self.layer_shape.out_features)
+            return y if rows is None else (y * rows).to(y.dtype)
+        y = paths.factored_conv(kind, base, x, params, scale)
+        return y if rows is None else (y * rows.view(-1, *[1] * (y.dim() - 2))).to(y.dtype)
 
 
 class LoHaLayer(_FactorizedLayer):

@@ -11,11 +11,11 @@ is wrong for ``hada_w1_a``/``hada_w2_a``; docs/DEVIATIONS.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["delta_weight", "linear_forward", "linear_grads", "make_weight", "make_weight_cp"]
+__all__ = ["conv_forward", "delta_weight", "linear_forward", "linear_grads", "make_weight", "make_weight_cp"]
 
 
 def make_weight(
@@ -82,3 +82,17 @@ def linear_grads(
             dr, dq, dx = (dy.T @ z) * scale, (x.T @ y) * scale, (y @ q.T) * scale
         grads = torch.autograd.grad((r, q), [leaves[k] for k in names], (dr, dq))
     return dx, dict(zip(names, grads, strict=True))
+
+
+def conv_forward(
+    conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    factors: Mapping[str, torch.Tensor],
+    scale: float,
+    weight_shape: Sequence[int],
+) -> torch.Tensor:
+    """A conv's ``conv(x, ΔW) * scale`` without forming ΔW (plain form, ungrouped): ``x`` convolved
+    with ``Q``'s ``r·r`` output channels, then mixed with ``R (out, r·r)``."""
+    r, q = _pair_products(factors)
+    z = conv(x, q.T.reshape(q.shape[1], *tuple(weight_shape)[1:]))  # (N, r·r, *S')
+    return torch.einsum("nk...,ok->no...", z, r) * scale

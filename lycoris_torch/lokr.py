@@ -8,13 +8,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from lycoris_core import factorization
 
-__all__ = ["delta_weight", "factorization", "linear_forward", "linear_grads", "make_kron", "make_weight_cp"]
+__all__ = [
+    "conv_forward",
+    "delta_weight",
+    "factorization",
+    "linear_forward",
+    "linear_grads",
+    "make_kron",
+    "make_weight_cp",
+]
 
 
 def make_weight_cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -86,3 +94,27 @@ def linear_grads(
             dx = (torch.einsum("nad,ac->ncd", t, w1) * scale).reshape(x.shape)
         grads = torch.autograd.grad((w1, w2), [leaves[k] for k in names], (dw1, dw2), allow_unused=True)
     return dx, {k: g if g is not None else torch.zeros_like(factors[k]) for k, g in zip(names, grads, strict=True)}
+
+
+def conv_forward(
+    conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    factors: Mapping[str, torch.Tensor],
+    scale: float,
+    weight_shape: Sequence[int],
+) -> torch.Tensor:
+    """A conv's ``conv(x, ΔW) * scale`` without forming ΔW, for ``x (N, c·d, *S)`` and an ungrouped
+    ``weight_shape (a·b, c·d, *k)``: the ``c`` input blocks are convolved with ``W2 (b, d, *k)`` as
+    a batch, then mixed with ``W1 (a, c)`` (twin of ``lycoris_jax.lokr.conv_forward``)."""
+    f = factors
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    (a, c), (out, cin, *k) = w1.shape, tuple(weight_shape)
+    b, d = out // a, cin // c
+    if "lokr_t2" in f:
+        w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+    else:
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    n, spatial = x.shape[0], x.shape[2:]
+    z = conv(x.reshape(n * c, d, *spatial), w2.reshape(b, d, *k))  # (N·c, b, *S')
+    y = torch.einsum("ncb...,ac->nab...", z.reshape(n, c, *z.shape[1:]), w1)
+    return y.reshape(n, a * b, *y.shape[3:]) * scale

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lycoris_torch import functional, loha, lokr
 
-__all__ = ["Fold", "factored_delta", "folded_forward"]
+__all__ = ["Fold", "factored_conv", "factored_delta", "folded_forward"]
 
 _LINEAR = {"LOKR": (lokr.linear_forward, lokr.linear_grads), "LOHA": (loha.linear_forward, loha.linear_grads)}
 
@@ -121,3 +121,13 @@ def factored_delta(
     """A Linear adapter's branch ``x @ ΔWᵀ`` for ``x (..., in)`` without forming ΔW -> ``(..., out)``."""
     y = _LINEAR[peft_type][0](x.reshape(-1, x.shape[-1]), factors, scale)
     return y.reshape(*x.shape[:-1], out)
+
+
+def factored_conv(
+    peft_type: str, base_layer: nn.Module, x: torch.Tensor, factors: dict[str, torch.Tensor], scale: float
+) -> torch.Tensor:
+    """A conv adapter's branch ``conv(x, ΔW)`` without forming ΔW, through the layer's own
+    ``_conv_forward`` (padding mode, stride, dilation)."""
+    conv_forward = lokr.conv_forward if peft_type == "LOKR" else loha.conv_forward
+    conv = lambda x, w: base_layer._conv_forward(x, w, None)  # noqa: E731
+    return conv_forward(conv, x, factors, scale, tuple(base_layer.weight.shape))

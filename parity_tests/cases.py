@@ -146,17 +146,17 @@ def build_cases() -> tuple[list[Case], list[tuple[str, str]]]:
             if dtype != "fp32":  # mixed precision: the same cases with the branch in the base's dtype
                 cases.append(Case("loha", layer, dtype, *loha_opts[0], mode="branch_base"))
                 cases.append(Case("lokr", layer, dtype, *lokr_opts[0], mode="branch_base"))
-            for path in PATH_MODES:  # every forward path on every layer and dtype
-                if path == "factored" and layer.kind != "linear":
-                    skipped.append(
-                        (f"*-{layer.name}-{dtype}-*-factored", "the factored path is Linear-only; convs take merged")
-                    )
-                    continue
+            for path in PATH_MODES:  # every forward path on every layer and dtype (a factored request
+                # the algebra does not allow, e.g. a grouped conv, is served by the merged path)
                 cases.append(Case("loha", layer, dtype, *loha_opts[0], mode=path))
                 cases.append(Case("lokr", layer, dtype, *lokr_opts[0], mode=path))
-            if layer.kind == "linear" and dtype == "fp32":  # the LoKr factor shapes on the factored path
+            if dtype == "fp32":  # the LoKr factor shapes (and LoHa's CP form) on the factored path
                 for opts, labels in _lokr_options(layer)[1:]:
                     cases.append(Case("lokr", layer, dtype, opts, labels, mode="factored"))
+                if not layer.pointwise:
+                    cases.append(
+                        Case("loha", layer, dtype, (("use_effective_conv2d", True),), ("effconv",), mode="factored")
+                    )
     skipped.append(("loha-*-r16", "LoHa's factor structure does not depend on r (unlike LoKr's full/decomposed w1/w2)"))
     skipped.append(("lokr-linear-*-effconv", "effective conv is forced off for Linear (PEFT rule)"))
     by_name = {layer.name: layer for layer in LAYERS}

@@ -103,6 +103,12 @@ for _path in ("peft", "merged", "factored"):
             TOLERANCES[(f"{_d}+{_path}", _op)] = _tol
     for _op in ("forward", "scale_ops", "multi_adapter", "save_load", "grad"):
         TOLERANCES[(f"fp32+{_path}", _op)] = _PATH_FP32
+TOLERANCES[("fp32+factored", "grad")] = Tolerance(
+    2e-6,
+    0.0,
+    "fp32 factored conv: W1's gradient sums batch x positions x W2's outputs in another order than "
+    "ΔW's weight gradient (measured 1.5e-6 at most; every Linear and output stays within 1e-6).",
+)
 
 
 def tolerance(dtype: str, op: str) -> Tolerance:

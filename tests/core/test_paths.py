@@ -21,24 +21,25 @@ def loha(shape=LINEAR):
 
 def test_explicit_paths_are_kept_and_factored_needs_a_linear():
     for path in ("peft", "merged"):
-        assert choose_path(path, lokr(), 512, training=True, linear=True) == path
-    assert choose_path("factored", lokr(), 512, training=True, linear=True) == "factored"
-    assert choose_path("factored", lokr(CONV), 512, training=True, linear=False) == "merged"
-    assert choose_path("factored", lokr(), 512, training=True, linear=False) == "merged"  # e.g. LinearGeneral
-    assert choose_path("auto", loha(CONV), 8, training=False, linear=False) == "merged"
+        assert choose_path(path, lokr(), 512, training=True, supported=True) == path
+    assert choose_path("factored", lokr(), 512, training=True, supported=True) == "factored"
+    assert choose_path("factored", lokr(CONV), 512, training=True, supported=False) == "merged"  # a masked conv
+    assert choose_path("factored", lokr(CONV), 512, training=True, supported=True) == "factored"
+    assert choose_path("factored", lokr(), 512, training=True, supported=False) == "merged"  # e.g. LinearGeneral
+    assert choose_path("auto", loha(CONV), 8, training=False, supported=False) == "merged"
 
 
 def test_auto_takes_the_cheaper_of_merged_and_factored():
     # LoHa: the r² branch is cheap for a few tokens, forming ΔW is cheaper for many
-    assert choose_path("auto", loha(), 1, training=False, linear=True) == "factored"
-    assert choose_path("auto", loha(), 4096, training=True, linear=True) == "merged"
+    assert choose_path("auto", loha(), 1, training=False, supported=True) == "factored"
+    assert choose_path("auto", loha(), 4096, training=True, supported=True) == "merged"
     # LoKr's factored product stays cheaper than forming a 4096x4096 ΔW up to thousands of tokens
     big = lokr(LayerShape("linear", 4096, 4096))
-    assert choose_path("auto", big, 16, training=True, linear=True) == "factored"
+    assert choose_path("auto", big, 16, training=True, supported=True) == "factored"
     for tokens in (1, 64, 4096):
         costs = path_costs(loha(), tokens, training=True)
         expected = "factored" if costs["factored"] <= costs["merged"] else "merged"
-        assert choose_path("auto", loha(), tokens, training=True, linear=True) == expected
+        assert choose_path("auto", loha(), tokens, training=True, supported=True) == expected
         if tokens >= 64:  # PEFT's second matmul costs more than adding ΔW to W once tokens add up
             assert costs["peft"] > costs["merged"]
 
@@ -47,4 +48,9 @@ def test_cost_rule_inputs_are_checked():
     assert check_forward_path("auto") == "auto" and set(FORWARD_PATHS) == {"auto", "factored", "merged", "peft"}
     with pytest.raises(ValueError, match="forward_path: expected one of .*got 'fast'"):
         check_forward_path("fast")
-    assert "factored" not in path_costs(lokr(CONV), 64, training=True)
+    assert "factored" in path_costs(lokr(CONV), 64, training=True)  # an ungrouped conv
+    grouped = LayerShape("conv2d", 64, 16, (3, 3), groups=2)
+    assert "factored" not in path_costs(lokr(grouped), 64, training=True)
+    assert choose_path("factored", lokr(grouped), 64, training=True, supported=True) == "merged"
+    cp = plan_loha(CONV, 4, 4.0, LoHaConfig(use_effective_conv2d=True))
+    assert choose_path("factored", cp, 64, training=True, supported=True) == "merged"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
@@ -87,7 +86,7 @@ def test_two_active_adapters_and_a_traced_scale_on_every_path():
         tuner = build("lokr", path)
         tuner.add_adapter("b", lj.LoKrConfig(r=2, target_modules=["lin", "conv"], init_weights=False))
         for name in ("lin", "conv"):
-            for factor, param in getattr(tuner.model, name).factors["b"].items():
+            for param in getattr(tuner.model, name).factors["b"].values():
                 param[...] = jnp.full(param.shape, 0.1)
         tuner.set_adapter(["default", "b"])
         tuner.eval()
@@ -106,20 +105,45 @@ def test_factored_path_forms_no_delta_w():
     for cfg, cls in ((lj.LoKrConfig(r=4, decompose_both=True), lj.LoKrModel), (lj.LoHaConfig(r=4), lj.LoHaModel)):
         counts = {}
         for path in ("factored", "merged"):
-            tuner = cls(nnx.clone(model), cfg.__class__(**{**cfg.to_dict(), "target_modules": ["layers.0"]}), forward_path=path)
+            tuner = cls(
+                nnx.clone(model), cfg.__class__(**{**cfg.to_dict(), "target_modules": ["layers.0"]}), forward_path=path
+            )
             graphdef, factors, rest = nnx.split(tuner, lj.LycorisParam, ...)
-            step = lambda f, r: jax.grad(lambda f: (nnx.merge(graphdef, f, r)(x) ** 2).sum())(f)  # noqa: E731
+
+            def step(f, r, graphdef=graphdef):
+                return jax.grad(lambda f: (nnx.merge(graphdef, f, r)(x) ** 2).sum())(f)
+
             jaxpr = str(jax.make_jaxpr(step)(factors, rest))
             counts[path] = jaxpr.count("f32[256,512]") + jaxpr.count("f32[512,256]")
         assert counts["factored"] <= 1, counts  # the frozen kernel itself, read by the base call
         assert counts["merged"] > counts["factored"], counts
 
 
+def test_factored_conv_forms_no_delta_w():
+    """An ungrouped 3x3 conv (64 -> 128): LoKr convolves each input block with W2, LoHa convolves
+    with r² channels; no kernel-sized array (9·64·128 elements) besides the frozen kernel."""
+    model = nnx.Sequential(nnx.Conv(64, 128, (3, 3), use_bias=False, rngs=nnx.Rngs(0)))
+    x = jnp.ones((2, 6, 6, 64))
+    for cfg, cls in ((lj.LoKrConfig(r=4, decompose_both=True), lj.LoKrModel), (lj.LoHaConfig(r=4), lj.LoHaModel)):
+        tuner = cls(
+            nnx.clone(model),
+            cfg.__class__(**{**cfg.to_dict(), "target_modules": ["layers.0"]}),
+            forward_path="factored",
+        )
+        graphdef, factors, rest = nnx.split(tuner, lj.LycorisParam, ...)
+
+        def step(f, r, graphdef=graphdef):
+            return jax.grad(lambda f: (nnx.merge(graphdef, f, r)(x) ** 2).sum())(f)
+
+        jaxpr = str(jax.make_jaxpr(step)(factors, rest))
+        assert jaxpr.count("f32[3,3,64,128]") <= 1 and "f32[128,64,3,3]" not in jaxpr, cls
+
+
 @pytest.mark.parametrize("path", ["merged", "factored"])
 def test_scanned_stack_on_each_path_equals_the_peft_path(path):
     """An ``nnx.scan``-applied stack (per-layer scales, a layer left out) on each path."""
-    from tests.jax.test_stacks import X as SX
     from tests.jax.test_stacks import Scanned, config
+    from tests.jax.test_stacks import X as SX
 
     cfg = config("loha", layers_to_transform=[0, 2, 3], layers_pattern="layers", alpha_pattern={"layers.2.mlp": 16})
     outs = []
