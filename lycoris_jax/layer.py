@@ -480,7 +480,8 @@ class _FactorizedLayer(LycorisLayer):
             self.plans[adapter_name],
             math.prod(x.shape[:-1]),
             training=not self.deterministic,
-            supported=isinstance(base, nnx.Linear) or (isinstance(base, nnx.Conv) and base.mask is None),
+            supported=isinstance(base, nnx.Linear)
+            or (isinstance(base, nnx.Conv) and base.mask is None and base.feature_group_count == 1),
         )
 
     def _rank_dropout_draw(self, adapter_name: str) -> jax.Array | None:

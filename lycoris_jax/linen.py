@@ -120,7 +120,8 @@ class LycorisModule(nn.Module):
         x, rest = (args[0], args[1:]) if args else (kwargs.pop("inputs"), ())
         plan = target.plan
         dense = isinstance(layer, nn.Dense)
-        supported = dense or (isinstance(layer, nn.Conv) and layer.mask is None)
+        # a Linen plan sees one group's kernel: the layer itself says whether it is grouped
+        supported = dense or (isinstance(layer, nn.Conv) and layer.mask is None and layer.feature_group_count == 1)
         path = choose_path(
             self.forward_path, plan, math.prod(x.shape[:-1]), training=not self.deterministic, supported=supported
         )

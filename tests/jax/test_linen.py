@@ -134,7 +134,8 @@ class Convs(nn.Module):
     ids=["loha-cp", "lokr"],
 )
 def test_convolutions_unmerged_equal_merged(cfg):
-    """The delta branch is the layer's own convolution (padding mode, strides, groups, dilation)."""
+    """The delta branch is the layer's own convolution (padding mode, strides, groups, dilation); on
+    the factored path too (the grouped conv takes the merged path: the algebra needs one group)."""
     rng = np.random.default_rng(0)
     img, seq = (
         jnp.asarray(rng.standard_normal((2, 9, 9, 6)), jnp.float32),
@@ -142,7 +143,9 @@ def test_convolutions_unmerged_equal_merged(cfg):
     )
     model = Convs()
     params = model.init(jax.random.key(0), img, seq)["params"]
-    adapted, lycoris = linen.adapt(model, params, cfg, key=jax.random.key(1), kinds={"c1": "conv1d"})
+    adapted, lycoris = linen.adapt(
+        model, params, cfg, key=jax.random.key(1), kinds={"c1": "conv1d"}, forward_path="factored"
+    )
     unmerged = adapted.apply({"params": params, "lycoris": lycoris}, img, seq)
     merged = model.apply({"params": linen.merge(adapted, params, lycoris)}, img, seq)
     base = model.apply({"params": params}, img, seq)
