@@ -53,22 +53,18 @@ def make_kron(w1: jax.Array, w2: jax.Array, scale: Any = 1.0) -> jax.Array:
 
 def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Sequence[int]) -> jax.Array:
     """ΔW in the base weight's PyTorch layout ``weight_shape``, from factors keyed by PEFT's names."""
-    f = factors
-    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
-    if "lokr_w2" in f:
-        w2 = f["lokr_w2"]
-    elif "lokr_t2" in f:
-        w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
-    else:
-        w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+    w1, w2 = _kron_factors(factors)
     return reshape(make_kron(w1, w2, scale), tuple(weight_shape))
 
 
 def _kron_factors(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """``(W1 (a, c), W2 (b, d))`` of a Linear adapter (no Tucker core: that is conv only)."""
+    """``(W1 (a, c), W2)``: ``W2`` full, Tucker ``(b, d, kh, kw)`` or low-rank ``(b, d·K)``."""
     f = factors
     w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
-    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    if "lokr_t2" in f:
+        w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+    else:
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
     return w1, w2
 
 
@@ -117,14 +113,9 @@ def conv_forward(
     and an ungrouped ``weight_shape (a·b, c·d, *k)``: the ``c`` input blocks of ``d`` channels are
     convolved with ``W2 (b, d, *k)`` as a batch, then mixed with ``W1 (a, c)``. ``conv(x, w)`` is
     the layer's own convolution with the PyTorch-layout kernel ``w`` (no bias)."""
-    f = factors
-    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w1, w2 = _kron_factors(factors)
     (a, c), (out, cin, *k) = w1.shape, tuple(weight_shape)
     b, d = out // a, cin // c
-    if "lokr_t2" in f:
-        w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
-    else:
-        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
     w2 = w2.reshape(b, d, *k)
     n, *spatial = x.shape[:-1]
     blocks = jnp.moveaxis(x.reshape(n, *spatial, c, d), -2, 1).reshape(n * c, *spatial, d)

@@ -47,22 +47,18 @@ def make_kron(w1: torch.Tensor, w2: torch.Tensor, scale: float = 1.0) -> torch.T
 
 def delta_weight(factors: Mapping[str, torch.Tensor], scale: float, weight_shape: Sequence[int]) -> torch.Tensor:
     """ΔW in the base weight's PyTorch layout ``weight_shape``, from factors keyed by PEFT's names."""
-    f = factors
-    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
-    if "lokr_w2" in f:
-        w2 = f["lokr_w2"]
-    elif "lokr_t2" in f:
-        w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
-    else:
-        w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+    w1, w2 = _kron_factors(factors)
     return make_kron(w1, w2, scale).reshape(tuple(weight_shape))
 
 
 def _kron_factors(factors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W1 (a, c), W2 (b, d))`` of a Linear adapter."""
+    """``(W1 (a, c), W2)``: ``W2`` full, Tucker ``(b, d, kh, kw)`` or low-rank ``(b, d·K)``."""
     f = factors
     w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
-    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    if "lokr_t2" in f:
+        w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+    else:
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
     return w1, w2
 
 
@@ -106,14 +102,9 @@ def conv_forward(
     """A conv's ``conv(x, ΔW) * scale`` without forming ΔW, for ``x (N, c·d, *S)`` and an ungrouped
     ``weight_shape (a·b, c·d, *k)``: the ``c`` input blocks are convolved with ``W2 (b, d, *k)`` as
     a batch, then mixed with ``W1 (a, c)`` (twin of ``lycoris_jax.lokr.conv_forward``)."""
-    f = factors
-    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w1, w2 = _kron_factors(factors)
     (a, c), (out, cin, *k) = w1.shape, tuple(weight_shape)
     b, d = out // a, cin // c
-    if "lokr_t2" in f:
-        w2 = make_weight_cp(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
-    else:
-        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
     n, spatial = x.shape[0], x.shape[2:]
     z = conv(x.reshape(n * c, d, *spatial), w2.reshape(b, d, *k))  # (N·c, b, *S')
     y = torch.einsum("ncb...,ac->nab...", z.reshape(n, c, *z.shape[1:]), w1)
