@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from lycoris_core import state
+from lycoris_core import kohya, state
 from lycoris_core.checkpoint import checkpoint_key
 from lycoris_core.config import CONFIG_NAME, LycorisConfig, config_class_for
 from lycoris_core.errors import CheckpointError
@@ -604,6 +605,55 @@ class TunerBookkeeping:
         if not is_trainable:
             tuner.eval()
         return tuner
+
+    @classmethod
+    def _model_module_names(cls, model: Any, **kwargs: Any) -> list[str]:
+        """Every module path of ``model`` as the tuner names them (framework hook)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_lycoris(
+        cls,
+        model: Any,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        *,
+        prefix: str | None = None,
+        allow_nonfinite: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Wrap ``model`` and load a LyCORIS/kohya single-file adapter (``lycoris_core.kohya``): its
+        underscore names resolve against ``model``'s module paths (``prefix``: the file's, e.g.
+        ``"lycoris"`` or ``"lora_unet"``; found when not given), then it loads as its PEFT
+        equivalent would (:meth:`from_pretrained`), computing what lycoris-lora computes."""
+        source = kohya.read_lycoris(path)
+        config, tensors = kohya.lycoris_to_peft(source, cls._model_module_names(model, **kwargs), prefix=prefix)
+        with tempfile.TemporaryDirectory() as directory:
+            kohya.write_peft(directory, config, tensors)
+            return cls.from_pretrained(
+                model, directory, adapter_name, is_trainable, allow_nonfinite=allow_nonfinite, **kwargs
+            )
+
+    def save_lycoris(
+        self, path: str | os.PathLike, adapter_name: str = "default", *, prefix: str = kohya.LYCORIS_PREFIX
+    ) -> None:
+        """Write one adapter as a LyCORIS/kohya single file (crash-safe) that lycoris-lora loads and
+        that computes what this adapter computes (``lycoris_core.kohya.peft_to_lycoris``)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}")
+        layers = {
+            name: module.plans[adapter_name].layer
+            for name, module in self._module_table().items()
+            if isinstance(module, self._layer_base) and adapter_name in module.plans
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory, [adapter_name])
+            config, tensors = kohya.read_peft(
+                os.path.join(directory, "" if adapter_name == "default" else adapter_name)
+            )
+        out, metadata = kohya.peft_to_lycoris(config, tensors, prefix=prefix, layers=layers, where=adapter_name)
+        kohya.save_lycoris(path, out, metadata)
 
     @classmethod
     def _tuner_class_for(cls, peft_type: str) -> type:

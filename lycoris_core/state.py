@@ -98,6 +98,8 @@ RESERVED_ADAPTER_NAMES = frozenset(
         "scaling",
         "set_adapter",
         "set_forward_path",
+        "from_lycoris",
+        "save_lycoris",
         "set_scale",
         "stack_size",
         "stacks",

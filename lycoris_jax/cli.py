@@ -1,33 +1,175 @@
-"""The ``lycoris-jax`` command (``python -m lycoris_jax``): ``demo`` for now.
+"""The ``lycoris-jax`` command (``python -m lycoris_jax``).
 
-Exit codes: 0 ok, 1 failed, 2 unusable input or bad usage (argparse's own).
+Subcommands: ``demo`` (fine-tune and cross-load, the README's main job), ``convert`` (PEFT
+directory <-> LyCORIS/kohya file), ``check`` (validate an adapter and compare the frameworks on it),
+``inspect`` (what an adapter holds, as a table or ``--json``). ``--help`` on each.
+
+Exit codes: 0 ok, 1 failed (``check``: the frameworks disagree), 2 unusable input or bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "model_modules"]
+
+_MODEL_HELP = (
+    "the model the adapter is for, to resolve LyCORIS's underscore names: a transformers model directory "
+    "(config.json; built on torch's meta device, no weights read), or a text file with one module path per "
+    "line (or a JSON list)"
+)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def model_modules(spec: str) -> Any:
+    """``--model``: ``{module path: LayerShape}`` of a transformers model directory (built on the meta
+    device, no weights), or the module paths listed in a text/JSON file."""
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ValueError(f"--model {spec!r}: a directory without config.json (expected a transformers model)")
+        import torch
+        import transformers
+
+        from lycoris_torch.layer import SUPPORTED_LAYERS, layer_shape_of
+
+        config = transformers.AutoConfig.from_pretrained(spec)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        with torch.device("meta"):
+            model = cls._from_config(config) if cls is not None else transformers.AutoModel.from_config(config)
+        return {n: layer_shape_of(m, n) for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as fh:
+            text = fh.read()
+        names = json.loads(text) if spec.endswith(".json") else [line.strip() for line in text.splitlines()]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"--model {spec!r}: expected a JSON list of module paths")
+        return [n for n in names if n and not n.startswith("#")]
+    raise ValueError(f"--model {spec!r}: no such file or directory")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from lycoris_core import kohya
+
+    layers = model_modules(args.model) if args.model else None
+    if os.path.isdir(args.source):
+        config, tensors = kohya.read_peft(args.source)
+        out, metadata = kohya.peft_to_lycoris(
+            config,
+            tensors,
+            prefix=args.prefix or kohya.LYCORIS_PREFIX,
+            layers=layers if isinstance(layers, dict) else None,
+            where=args.source,
+        )
+        kohya.save_lycoris(args.destination, out, metadata)
+        modules = len({k.partition(".")[0] for k in out})
+        print(f"wrote {args.destination}: LyCORIS {config.peft_type} file, {modules} modules")
+        return 0
+    if layers is None:
+        raise ValueError(
+            "--model is needed to turn a LyCORIS file into a PEFT directory: its underscore names "
+            "(lycoris_layers_0_self_attn_q_proj) must be matched to the model's module paths"
+        )
+    source = kohya.read_lycoris(args.source)
+    config, tensors = kohya.lycoris_to_peft(source, layers, prefix=args.prefix)
+    kohya.write_peft(args.destination, config, tensors)
+    print(f"wrote {args.destination}: PEFT {config.peft_type} adapter, {len(config.target_modules)} modules")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lycoris_core import kohya
+    from parity_tests.__main__ import run_check
+
+    if os.path.isdir(args.path):
+        return run_check(args.path)
+    source = kohya.read_lycoris(args.path)  # no model needed: the file's own names serve as module paths
+    config, tensors = kohya.lycoris_to_peft(source, list(source.modules), prefix="")
+    with tempfile.TemporaryDirectory() as directory:
+        kohya.write_peft(directory, config, tensors)
+        return run_check(directory)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lycoris_core.summary import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {info['format']} {info['method']} adapter, {len(info['modules'])} modules")
+    head = f"{'module':<44} {'method':<6} {'r':>4} {'alpha':>8} {'scale':>8} {'params':>10} {'bytes':>11}  dtypes"
+    print(head)
+    for row in info["modules"]:
+        r = "-" if row["r"] is None else row["r"]
+        alpha = "-" if row["alpha"] is None else f"{row['alpha']:g}"
+        print(
+            f"{row['module']:<44} {row['method']:<6} {r:>4} {alpha:>8} {row['scale']:>8.4g} "
+            f"{row['params']:>10,} {row['bytes']:>11,}  {','.join(row['dtypes'])}"
+        )
+    print(f"total: {info['params']:,} parameters, {info['bytes']:,} bytes")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     from lycoris_jax import demo
 
-    parser = argparse.ArgumentParser(prog="lycoris-jax", description="LyCORIS adapters for JAX/Flax with PEFT's files.")
+    parser = argparse.ArgumentParser(
+        prog="lycoris-jax",
+        description="LyCORIS adapters (LoHa, LoKr) for JAX/Flax, with PEFT's and LyCORIS/kohya's files.",
+        epilog="exit codes: 0 ok, 1 failed, 2 unusable input or bad usage",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser(
+    p = commands.add_parser(
         "demo",
         help="fine-tune LoKr/LoHa on a transformers Flax Llama and load the result in PEFT and lycoris_torch",
         description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_arguments(demo_parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    demo.add_arguments(p)
+    p = commands.add_parser(
+        "convert",
+        help="PEFT adapter directory <-> LyCORIS/kohya single .safetensors file",
+        description="Convert a PEFT LoHa/LoKr directory to a LyCORIS/kohya file (SOURCE a directory), or a "
+        "LyCORIS file to a PEFT directory (SOURCE a file; needs --model). Both compute what the source computes; "
+        "see README, 'LyCORIS and kohya files'.",
+    )
+    p.add_argument("source", help="a PEFT adapter directory, or a LyCORIS .safetensors file")
+    p.add_argument("destination", help="the LyCORIS file to write, or the PEFT directory to write")
+    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--prefix", help="the LyCORIS name prefix: written (default 'lycoris'), or read (default: found)")
+    p = commands.add_parser(
+        "check",
+        help="validate an adapter and compare lycoris_jax, lycoris_torch and PEFT on it",
+        description="Validate a PEFT directory or a LyCORIS file like a loader, then rebuild every module's ΔW "
+        "with lycoris_jax, lycoris_torch and PEFT and print their agreement. Exit 0: agree, 1: disagree, "
+        "2: unusable input.",
+    )
+    p.add_argument("path", help="a PEFT adapter directory or a LyCORIS .safetensors file")
+    p = commands.add_parser(
+        "inspect",
+        help="modules, method, ranks, alphas, parameter counts, bytes and dtypes of an adapter",
+        description="Print what a PEFT adapter directory or a LyCORIS/kohya file holds, per module.",
+    )
+    p.add_argument("path", help="a PEFT adapter directory or a LyCORIS .safetensors file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lycoris_jax import demo
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    run = {"demo": demo.run, "convert": _convert, "check": _check, "inspect": _inspect}[args.command]
+    unusable = (ValueError, OSError) if args.command == "demo" else (ValueError, TypeError, OSError)
     try:
-        return demo.run(args)
-    except (ValueError, OSError) as err:  # unusable input (e.g. --model): one line, no traceback
+        return run(args)
+    except unusable as err:  # unusable input: one line, no traceback
         print(f"lycoris-jax {args.command}: {err}", file=sys.stderr)
         return 2
 

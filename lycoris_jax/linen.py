@@ -28,6 +28,7 @@ import dataclasses
 import math
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lycoris_core import LycorisConfig
+from lycoris_core import LycorisConfig, kohya
 from lycoris_core.paths import check_forward_path, choose_path
 from lycoris_jax import functional, paths, pytree
 from lycoris_jax.layer import check_branch_dtype
@@ -389,3 +390,22 @@ def from_pretrained(
     )
     adapter = pytree.from_pretrained(directory, params, **kwargs)
     return wrap(module, adapter, **options), collection_of(adapter)
+
+
+def save_lycoris(
+    adapted: LycorisModule, lycoris: Mapping, path: str | os.PathLike, *, prefix: str = kohya.LYCORIS_PREFIX
+) -> None:
+    """A LyCORIS/kohya single file (crash-safe) computing what the adapter computes."""
+    pytree.save_lycoris(to_adapter(adapted, lycoris), path, prefix=prefix)
+
+
+def from_lycoris(
+    path: str | os.PathLike, module: nn.Module, params: Any, *, prefix: str | None = None, **kwargs: Any
+) -> tuple[LycorisModule, dict]:
+    """``(wrapped module, factors collection)`` from a LyCORIS/kohya single file; names resolve against
+    ``params`` (``prefix``: the file's, found when not given); ``kwargs`` as in :func:`from_pretrained`."""
+    names = pytree.module_names(params, rename=kwargs.get("rename"), stacks=kwargs.get("stacks", ()))
+    config, tensors = kohya.lycoris_to_peft(kohya.read_lycoris(path), names, prefix=prefix)
+    with tempfile.TemporaryDirectory() as directory:
+        kohya.write_peft(directory, config, tensors)
+        return from_pretrained(directory, module, params, **kwargs)

@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -48,6 +49,7 @@ from lycoris_core import (
     check_adapter_name,
     checkpoint_key,
     config_from_dict,
+    kohya,
     match_targets,
     plan_adapter,
     resolve_rank_alpha,
@@ -498,6 +500,34 @@ def save_pretrained(adapter: Adapter, directory: str | os.PathLike) -> None:
     if not tensors:
         raise ValueError("nothing to save: the adapter holds no factors")
     save_adapters(directory, {adapter.adapter_name: (adapter.config, save(tensors, SAFETENSORS_METADATA))})
+
+
+def save_lycoris(adapter: Adapter, path: str | os.PathLike, *, prefix: str = kohya.LYCORIS_PREFIX) -> None:
+    """A LyCORIS/kohya single file (crash-safe) computing what ``adapter`` computes, for lycoris-lora
+    and kohya-style tools (``lycoris_core.kohya.peft_to_lycoris``)."""
+    layers = {name: plan.layer for name, plan in adapter.plans.items()}
+    with tempfile.TemporaryDirectory() as directory:
+        save_pretrained(adapter, directory)
+        sub = "" if adapter.adapter_name == "default" else adapter.adapter_name
+        config, tensors = kohya.read_peft(os.path.join(directory, sub))
+    out, metadata = kohya.peft_to_lycoris(config, tensors, prefix=prefix, layers=layers, where=adapter.adapter_name)
+    kohya.save_lycoris(path, out, metadata)
+
+
+def module_names(params: Any, *, rename: Rename = None, stacks: Sequence[str] = ()) -> list[str]:
+    """The module names (PEFT's, after ``rename``; a stack's layers one by one) of every kernel in ``params``."""
+    return [name for module, k in _kernels(params, rename, stacks).items() for name in (k.layers or (module,))]
+
+
+def from_lycoris(path: str | os.PathLike, params: Any, *, prefix: str | None = None, **kwargs: Any) -> Adapter:
+    """Load a LyCORIS/kohya single-file adapter for ``params``: its underscore names resolve against
+    :func:`module_names` (``prefix``: the file's, found when not given); ``kwargs`` as in
+    :func:`from_pretrained`."""
+    names = module_names(params, rename=kwargs.get("rename"), stacks=kwargs.get("stacks", ()))
+    config, tensors = kohya.lycoris_to_peft(kohya.read_lycoris(path), names, prefix=prefix)
+    with tempfile.TemporaryDirectory() as directory:
+        kohya.write_peft(directory, config, tensors)
+        return from_pretrained(directory, params, **kwargs)
 
 
 def read_config(directory: str | os.PathLike) -> LycorisConfig:

@@ -138,6 +138,31 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         walk((), self.model)
         return found, aliases
 
+    @classmethod
+    def _model_module_names(cls, model: nnx.Module, stacks: Sequence[str] = (), **kwargs: Any) -> list[str]:
+        names: list[str] = []
+
+        def walk(path: Path, module: nnx.Module) -> None:
+            names.append(_name(path))
+            for key, child in nnx.iter_children(module):
+                if isinstance(child, nnx.Module):
+                    walk((*path, key), child)
+
+        walk((), model)
+        out = []
+        for name in names:  # a module in a stack: one name per layer (``stack.<i>.rest``)
+            stack = next((s for s in stacks if name == s or name.startswith(f"{s}.")), None)
+            if stack is None:
+                out.append(name)
+                continue
+            node = model
+            for part in stack.split("."):
+                node = node[int(part)] if part.isdigit() else getattr(node, part)
+            size = jax.tree.leaves(nnx.state(node, nnx.Param))[0].shape[0]
+            rest = name[len(stack) + 1 :]
+            out += [".".join(filter(None, (stack, str(i), rest))) for i in range(size)]
+        return out
+
     def _modules(self) -> dict[str, tuple[Path, nnx.Module]]:
         return self._walk()[0]
 

@@ -115,6 +115,10 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
             if isinstance(module, LycorisLayer):
                 yield name, module
 
+    @classmethod
+    def _model_module_names(cls, model: nn.Module, **kwargs: Any) -> list[str]:
+        return [name for name, _ in model.named_modules()]
+
     def _module_table(self) -> dict[str, nn.Module]:
         """``{dotted name: module}`` minus anything inside adapter layers and modules_to_save copies."""
         table: dict[str, nn.Module] = {}

@@ -100,6 +100,15 @@ def _peft_delta(factors: dict[str, Any], scale: float, shape: tuple[int, ...], p
     return make_kron(w1, w2, scale).reshape(shape)
 
 
+def _progress(items: list) -> Any:
+    """``items`` with a tqdm bar on a terminal (none when piped, or without tqdm)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="check", unit="module", disable=None, leave=False)
+
+
 def _in_modules_to_save(config: Any, bare_key: str) -> bool:
     """Whether a key's module (or a module above it: ``classifier.dense.weight``) is in ``modules_to_save``."""
     parts = bare_key.split(".")
@@ -164,7 +173,7 @@ def check_directory(directory: str | os.PathLike) -> CheckReport:
     except ImportError:
         have_peft = False
     results = []
-    for module, keys in sorted(by_module.items()):
+    for module, keys in _progress(sorted(by_module.items())):
         tf = {name: tensors[key] for name, key in keys.items()}
         factors = {name: t.numpy() for name, t in tf.items()}
         r, alpha = resolve_rank_alpha(config, module)

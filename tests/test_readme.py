@@ -15,8 +15,8 @@ from parity_tests.__main__ import main as parity_main
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def blocks(language: str) -> list[str]:
-    use = README.read_text().split("## Use", 1)[1].split("\n## ", 1)[0]
+def blocks(language: str, section: str = "Use") -> list[str]:
+    use = README.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(rf"```{language}\n(.*?)```", use, flags=re.S)
 
 
@@ -36,3 +36,21 @@ def test_the_use_section_runs_as_written(tmp_path, monkeypatch, capsys):
         assert args[:4] == ["python", "-m", "parity_tests", "check"]
         assert parity_main(args[3:]) == 0
     assert "['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']" in capsys.readouterr().out
+
+
+def test_the_lycoris_files_section_runs_as_written(tmp_path, monkeypatch, capsys):
+    from lycoris_jax.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "readme_lycoris"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, code in enumerate(blocks("python", "LyCORIS and kohya files")):
+            exec(compile(code, f"README.md LyCORIS block {i + 1}", "exec"), scope)
+    assert scope["error"] < 1e-5
+    for line in blocks("bash", "LyCORIS and kohya files")[0].strip().splitlines():
+        args = shlex.split(line)
+        assert args[0] == "lycoris-jax"
+        assert cli_main(args[1:]) == 0, line
+    out = capsys.readouterr().out
+    assert "lycoris_model_layers_0_self_attn_q_proj" in out and "0 disagree" in out

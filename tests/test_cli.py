@@ -1,0 +1,102 @@
+"""``lycoris-jax`` subcommands: help, exit codes 0/1/2, convert both ways, check, inspect."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lycoris_torch as lt
+from lycoris_core import kohya
+from lycoris_jax.cli import main
+from tests.kohya.models import CONV1D, network, torch_model
+
+NAMES = [n for n, _ in torch_model().named_modules()]
+
+
+@pytest.fixture(scope="module")
+def lycoris_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "lokr.safetensors"
+    network(torch_model(), "lokr", {"linear_dim": 2, "linear_alpha": 3.0}, CONV1D).save_weights(
+        str(path), torch.float32, None
+    )
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["convert"], ["check"], ["inspect"]])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: lycoris-jax" in capsys.readouterr().out
+
+
+def test_bad_usage_exits_2(capsys):
+    for argv in (["bogus"], ["convert", "only-one"], ["inspect"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+
+
+def test_inspect_a_lycoris_file_and_a_peft_directory(lycoris_file, tmp_path, capsys):
+    assert main(["inspect", str(lycoris_file)]) == 0
+    table = capsys.readouterr().out
+    assert "lycoris_mlp_layers_0" in table and "LoKr" in table and "total:" in table
+    assert main(["inspect", str(lycoris_file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "lycoris" and len(info["modules"]) == 5
+    row = next(r for r in info["modules"] if r["module"] == "lycoris_mlp_layers_1")
+    assert (row["r"], row["alpha"], row["scale"], row["dtypes"]) == (2, 3.0, 1.5, ["F32"])
+    assert row["params"] == sum(int(np.prod(s)) for s in row["factors"].values()) and row["bytes"] == 4 * row["params"]
+    tuner = lt.LoHaModel(torch_model(), lt.LoHaConfig(r=2, alpha=4, target_modules=["head"]))
+    tuner.save_pretrained(tmp_path / "peft")
+    assert main(["inspect", str(tmp_path / "peft"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["method"], info["modules"][0]["module"]) == ("peft", "LoHa", "mlp.head")
+
+
+def test_convert_both_ways_and_check(lycoris_file, tmp_path, capsys):
+    names = tmp_path / "modules.txt"
+    names.write_text("\n".join(NAMES))
+    peft_dir, back = tmp_path / "peft", tmp_path / "back.safetensors"
+    assert main(["convert", str(lycoris_file), str(peft_dir), "--model", str(names)]) == 0
+    assert main(["convert", str(peft_dir), str(back)]) == 0
+    a, b = kohya.read_lycoris(lycoris_file), kohya.read_lycoris(back)
+    for name, m in a.modules.items():
+        assert b.modules[name].scale == m.scale  # a full LoKr module keeps scale 1 (its alpha is ignored)
+        for k, v in m.factors.items():
+            np.testing.assert_array_equal(b.modules[name].factors[k], v)
+    capsys.readouterr()
+    assert main(["check", str(lycoris_file)]) == 0
+    assert "5 agree, 0 disagree" in capsys.readouterr().out
+    assert main(["check", str(peft_dir)]) == 0
+
+
+def test_unusable_input_exits_2_with_one_line(lycoris_file, tmp_path, capsys):
+    assert main(["convert", str(lycoris_file), str(tmp_path / "out")]) == 2  # needs --model
+    assert "--model is needed" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+    bad = tmp_path / "names.txt"
+    bad.write_text("something.else\n")
+    assert main(["convert", str(lycoris_file), str(tmp_path / "out"), "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "lycoris_conv_c2" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_may_be_a_transformers_directory(tmp_path):
+    from tests.jax.llama import CONFIG, build_llama
+
+    model = build_llama()[0]()
+    net = network(model, "loha", {"linear_dim": 2, "linear_alpha": 2.0}, ["lm_head"])
+    path = tmp_path / "llama.safetensors"
+    net.save_weights(str(path), torch.float32, None)
+    config = copy.deepcopy(CONFIG)
+    config.architectures = ["LlamaForCausalLM"]  # as a saved model's config.json has
+    config.save_pretrained(tmp_path / "llama")
+    assert main(["convert", str(path), str(tmp_path / "peft"), "--model", str(tmp_path / "llama")]) == 0
+    config = kohya.read_peft(tmp_path / "peft")[0]
+    assert "model.layers.1.mlp.down_proj" in config.target_modules and len(config.target_modules) == 14
