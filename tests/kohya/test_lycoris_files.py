@@ -111,6 +111,8 @@ def test_linen_and_pytree_load_a_lycoris_lora_file_made_on_transformers_llama(tm
     close(np.asarray(run(adapted, params, collection)), expected)
     out = tmp_path / "back.safetensors"
     pytree.save_lycoris(adapter, out)
+    linen.save_lycoris(adapted, collection, tmp_path / "linen.safetensors")
+    assert (tmp_path / "linen.safetensors").read_bytes() == out.read_bytes()
     model = torch_model_()
     back = network(model, algo, {"linear_dim": 4, "linear_alpha": 8.0}, ["lm_head"], seed=9)
     assert back.load_weights(str(out)) == {}
