@@ -117,3 +117,26 @@ def test_linen_and_pytree_load_a_lycoris_lora_file_made_on_transformers_llama(tm
     back = network(model, algo, {"linear_dim": 4, "linear_alpha": 8.0}, ["lm_head"], seed=9)
     assert back.load_weights(str(out)) == {}
     close(torch_logits(model), got)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_scanned_stacks_load_and_write_lycoris_files(tmp_path, algo):
+    """A file made on a torch ``ModuleList`` (``lycoris_layers_<i>_attn_q``) on an NNX ``nnx.vmap``
+    stack and a stacked params tree, and back."""
+    from tests.jax.test_stacks import Scanned, X, nnx_forward, run_scan, stacked_params, torch_net, torch_out
+
+    kwargs = {"linear_dim": 2, "linear_alpha": 4.0}
+    model = torch_net()
+    net = network(model, algo, kwargs, [])
+    expected = torch_out(model)
+    path = tmp_path / "f.safetensors"
+    net.save_weights(str(path), torch.float32, None)
+    tuner = lj.LycorisTuner.from_lycoris(Scanned(), path, stacks=["layers"])
+    close(np.asarray(nnx_forward(tuner, X)), expected)
+    params = stacked_params(torch_net())
+    adapter = pytree.from_lycoris(path, params, stacks=["layers"])
+    close(np.asarray(run_scan(pytree.merge(params, adapter), X)), expected)
+    tuner.save_lycoris(tmp_path / "back.safetensors")
+    model = torch_net()
+    assert network(model, algo, kwargs, [], seed=3).load_weights(str(tmp_path / "back.safetensors")) == {}
+    close(torch_out(model), expected)
