@@ -107,7 +107,9 @@ TOLERANCES[("fp32+factored", "grad")] = Tolerance(
     2e-6,
     0.0,
     "fp32 factored conv: W1's gradient sums batch x positions x W2's outputs in another order than "
-    "ΔW's weight gradient (measured 1.5e-6 at most; every Linear and output stays within 1e-6).",
+    "ΔW's weight gradient (measured 1.5e-6 at most; every Linear and output stays within 1e-6). Against "
+    "a float64 reference (lokr-conv2d_3x5-r1-effconv) PEFT's own W1 gradient is 3.1e-7 off, ours 4.1e-7 "
+    "(JAX) and 1.2e-6 (torch): the sum cancels, so any fp32 order lands a few ulp of its terms away.",
 )
 
 
