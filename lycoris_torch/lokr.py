@@ -67,8 +67,11 @@ def linear_forward(x: torch.Tensor, factors: Mapping[str, torch.Tensor], scale: 
     contracted with ``W2 (b, d)`` then ``W1 (a, c)`` -> ``(N, a·b)`` (autograd stays factor-sized)."""
     w1, w2 = _kron_factors(factors)
     (a, c), (b, d) = w1.shape, w2.shape
-    t = torch.einsum("ncd,bd->ncb", x.reshape(-1, c, d), w2)
-    return torch.einsum("ncb,ac->nab", t, w1).reshape(-1, a * b) * scale
+    t = (x.reshape(-1, d) @ w2.T).reshape(-1, c, b)  # (N, c, b): one plain matmul
+    # then W1 over c as one plain matmul too (the scale on W1, not on the output); explicit, since
+    # torch.matmul's broadcast folds (or not) by requires_grad, and its rounding with it
+    y = (t.transpose(1, 2).reshape(-1, c) @ (w1 * scale).T).reshape(-1, b, a)
+    return y.transpose(1, 2).reshape(-1, a * b)
 
 
 def linear_grads(
