@@ -50,6 +50,16 @@ def _write_new(path: str, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def _new_file_mode(path: str) -> int:
+    """The mode ``path`` has (if it exists), else what ``open`` would give it under the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and move the synced result onto ``path``; no half-written file remains."""
     path = os.fspath(path)
@@ -58,6 +68,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes 0600; a file we replace keeps its mode
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -145,6 +145,41 @@ def _algo(path: str, name: str, suffixes: set[str]) -> str:
     return found[0]
 
 
+_W1 = ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
+_W2 = ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"}, {"lokr_w2_a", "lokr_w2_b", "lokr_t2"})
+_HADA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+#: The factor sets a module may hold.
+_SETS = {"LOHA": (_HADA, _HADA | {"hada_t1", "hada_t2"}), "LOKR": tuple(a | b for a in _W1 for b in _W2)}
+
+
+def _check_module(path: str, name: str, peft_type: str, f: Mapping[str, tuple[int, ...]]) -> None:
+    """A complete factor set whose inner sizes agree (what any lycoris-lora module holds)."""
+    if set(f) not in _SETS[peft_type]:
+        sets = " or ".join(str(sorted(x)) for x in _SETS[peft_type])
+        raise CheckpointError(path, f"module {name!r}: factors {sorted(f)} are not a {peft_type} set ({sets})")
+    ranks = []
+    if peft_type == "LOHA":
+        ok = f["hada_w1_a"] == f["hada_w2_a"] and f["hada_w1_b"] == f["hada_w2_b"]
+        if "hada_t1" in f:
+            ok = ok and f["hada_t1"] == f["hada_t2"] and len(f["hada_t1"]) in (3, 4) and len(f["hada_w1_a"]) == 2
+            ranks = [f["hada_w1_a"][0], f["hada_w1_b"][0], *f["hada_t1"][:2]]
+        else:
+            ok = ok and len(f["hada_w1_a"]) == len(f["hada_w1_b"]) == 2
+            ranks = [f["hada_w1_a"][-1], f["hada_w1_b"][0]]
+    else:
+        ok = all(len(v) == 2 for k, v in f.items() if k not in ("lokr_w2", "lokr_t2"))
+        ok = ok and ("lokr_w2" not in f or len(f["lokr_w2"]) in (2, 3, 4))
+        if "lokr_w1_a" in f:
+            ranks += [f["lokr_w1_a"][-1], f["lokr_w1_b"][0]]
+        if "lokr_t2" in f:
+            ok = ok and len(f["lokr_t2"]) in (3, 4)
+            ranks += [f["lokr_w2_a"][0], f["lokr_w2_b"][0], *f["lokr_t2"][:2]]
+        elif "lokr_w2_a" in f:
+            ranks += [f["lokr_w2_a"][-1], f["lokr_w2_b"][0]]
+    if not ok or len(set(ranks)) > 1 or 0 in ranks:
+        raise CheckpointError(path, f"module {name!r}: factor shapes {dict(sorted(f.items()))} do not fit together")
+
+
 def read_lycoris(path: str | os.PathLike) -> LycorisFile:
     """Read and validate a LyCORIS file: every key is ``<module>.<factor>`` or ``<module>.alpha``,
     each module one LoHa or LoKr factor set; anything else is a ``CheckpointError`` naming it."""
@@ -164,6 +199,7 @@ def read_lycoris(path: str | os.PathLike) -> LycorisFile:
     for name, entries in sorted(grouped.items()):
         peft_type = _algo(path, name, set(entries))
         alpha = entries.pop("alpha", None)
+        _check_module(path, name, peft_type, {k: tuple(v.shape) for k, v in entries.items()})
         if alpha is not None and alpha.size != 1:
             raise CheckpointError(path, f"{name}.alpha: expected one value, got shape {alpha.shape}")
         value = None if alpha is None else float(alpha.astype(np.float64).reshape(()))
@@ -175,6 +211,11 @@ def read_lycoris(path: str | os.PathLike) -> LycorisFile:
 
 def save_lycoris(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
     """Write a LyCORIS file crash-safely."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{os.fspath(path)!r}: its directory {parent!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)!r}: is a directory (a LyCORIS adapter is one .safetensors file)")
     save_safetensors(path, tensors, metadata)
 
 
@@ -249,8 +290,12 @@ def _planner(layers: Mapping[str, LayerShape] | None):
     def plan_of(
         peft_type: str, shapes: dict, r: int, alpha: float, config: Any, module: str, where: str
     ) -> AdapterPlan:
-        if layers is None or module not in layers:
+        if layers is None:
             return plan_from_factors(peft_type, shapes, r, alpha, config, where=where)
+        if module not in layers:
+            raise ValueError(
+                f"{where}: the model has no adaptable layer {module!r} (is it the model the adapter is for?)"
+            )
         plan = plan_adapter(layers[module], r, alpha, config, where=where)
         if plan.factor_shapes != shapes:
             raise ValueError(
@@ -361,7 +406,8 @@ def peft_to_lycoris(
             elif core in factors and layers is None and shapes[core][-1] == 1 and shapes[core][-2] != 1:
                 raise ValueError(
                     f"{path}.{core}: {shapes[core]} is a Conv1d or a Conv2d with a (k, 1) kernel, which LyCORIS "
-                    "stores differently; give the model's layers to tell"
+                    "stores differently; give the model's layers to tell (on the command line: --model with a "
+                    "transformers model directory)"
                 )
         scale = plan.scaling
         if "lokr_w1" in factors and "lokr_w2" in factors:  # lycoris-lora ignores alpha here: fold the scale

@@ -54,11 +54,12 @@ def dump_safetensors(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, st
     chunks, offset = [], 0
     for key in sorted(arrays):
         array = np.ascontiguousarray(arrays[key])
-        if array.dtype not in _NAMES:
+        native = array.dtype.newbyteorder("=")
+        if native not in _NAMES:
             raise TypeError(f"{key}: cannot store dtype {array.dtype} (expected one of {sorted(_NAMES.values())})")
-        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        raw = array.astype(native.newbyteorder("<"), copy=False).tobytes()
         header[key] = {
-            "dtype": _NAMES[array.dtype],
+            "dtype": _NAMES[native],
             "shape": list(array.shape),
             "data_offsets": [offset, offset + len(raw)],
         }

@@ -37,11 +37,23 @@ def model_modules(spec: str) -> Any:
 
         from lycoris_torch.layer import SUPPORTED_LAYERS, layer_shape_of
 
-        config = transformers.AutoConfig.from_pretrained(spec)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        with torch.device("meta"):
-            model = cls._from_config(config) if cls is not None else transformers.AutoModel.from_config(config)
+        try:  # no code from the directory runs (trust_remote_code=False), no weights are read
+            config = transformers.AutoConfig.from_pretrained(spec, trust_remote_code=False)
+            arch = (getattr(config, "architectures", None) or [None])[0]
+            # the torch class of the architecture (a Flax/TF name maps to its torch twin: same module paths)
+            cls = (
+                getattr(transformers, arch.removeprefix("Flax").removeprefix("TF"), None)
+                if isinstance(arch, str)
+                else None
+            )
+            if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+                cls = None
+            with torch.device("meta"):
+                model = cls._from_config(config) if cls is not None else transformers.AutoModel.from_config(config)
+        except Exception as err:  # transformers' own errors, whatever they are: unusable input
+            raise ValueError(
+                f"--model {spec!r}: cannot build a transformers model: {type(err).__name__}: {err}"
+            ) from None
         return {n: layer_shape_of(m, n) for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as fh:
@@ -56,13 +68,15 @@ def model_modules(spec: str) -> Any:
 def _convert(args: argparse.Namespace) -> int:
     from lycoris_core import kohya
 
+    if not os.path.exists(args.source):
+        raise ValueError(f"{args.source!r}: no such file or directory")
     layers = model_modules(args.model) if args.model else None
     if os.path.isdir(args.source):
         config, tensors = kohya.read_peft(args.source)
         out, metadata = kohya.peft_to_lycoris(
             config,
             tensors,
-            prefix=args.prefix or kohya.LYCORIS_PREFIX,
+            prefix=kohya.LYCORIS_PREFIX if args.prefix is None else args.prefix,
             layers=layers if isinstance(layers, dict) else None,
             where=args.source,
         )

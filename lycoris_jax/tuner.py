@@ -149,6 +149,9 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
                     walk((*path, key), child)
 
         walk((), model)
+        missing = [stack for stack in stacks if stack not in names]
+        if missing:
+            raise ValueError(f"stacks: the model has no module {missing[0]!r}")
         out = []
         for name in names:  # a module in a stack: one name per layer (``stack.<i>.rest``)
             stack = next((s for s in stacks if name == s or name.startswith(f"{s}.")), None)

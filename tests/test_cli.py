@@ -100,3 +100,24 @@ def test_model_may_be_a_transformers_directory(tmp_path):
     assert main(["convert", str(path), str(tmp_path / "peft"), "--model", str(tmp_path / "llama")]) == 0
     config = kohya.read_peft(tmp_path / "peft")[0]
     assert "model.layers.1.mlp.down_proj" in config.target_modules and len(config.target_modules) == 14
+
+
+def test_a_model_directory_runs_no_code_and_flax_names_map_to_torch(tmp_path):
+    from lycoris_jax.cli import model_modules
+    from tests.jax.llama import CONFIG
+
+    remote = copy.deepcopy(CONFIG)
+    remote.architectures = ["LlamaForCausalLM"]
+    remote.auto_map = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}
+    remote.save_pretrained(tmp_path / "remote")
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (tmp_path / "remote" / name).write_text("raise SystemExit('ran code from the model directory')\n")
+    assert "model.layers.0.self_attn.q_proj" in model_modules(str(tmp_path / "remote"))  # and ran nothing
+    flax = copy.deepcopy(CONFIG)
+    flax.architectures = ["FlaxLlamaForCausalLM"]
+    flax.save_pretrained(tmp_path / "flax")
+    assert "model.layers.0.self_attn.q_proj" in model_modules(str(tmp_path / "flax"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot build a transformers model"):
+        model_modules(str(tmp_path / "broken"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,45 @@ def test_a_damaged_or_foreign_file_is_a_checkpoint_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(CheckpointError, match="truncated"):
         kohya.read_lycoris(path)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"m.hada_w1_a": (4, 2), "m.hada_w2_a": (4, 2)},  # half a LoHa
+        {"m.lokr_w1": (2, 2)},  # a LoKr without W2
+        {"m.hada_w1_a": (4, 2), "m.hada_w1_b": (8,), "m.hada_w2_a": (4, 2), "m.hada_w2_b": (8,)},  # 1-D
+        {"m.lokr_w1": (2, 2), "m.lokr_w2_a": (4, 2), "m.lokr_w2_b": (3, 4)},  # ranks 2 and 3
+    ],
+    ids=["half-loha", "lokr-without-w2", "one-dim", "ranks-disagree"],
+)
+def test_incomplete_or_inconsistent_factor_sets_are_refused_naming_the_module(tmp_path, tensors):
+    path = tmp_path / "f.safetensors"
+    save_safetensors(
+        path, {k: np.ones(s, np.float32) for k, s in tensors.items()} | {"m.alpha": np.ones((), np.float32)}
+    )
+    with pytest.raises(CheckpointError, match="module 'm'"):
+        kohya.read_lycoris(path)
+
+
+def test_layers_that_lack_a_module_are_an_error_not_a_guess(tmp_path):
+    tuner = lt.LoHaModel(torch_model(), lt.LoHaConfig(r=2, target_modules=["c1", "head"], use_effective_conv2d=True))
+    tuner.save_pretrained(tmp_path)
+    config, tensors = kohya.read_peft(tmp_path)
+    layers = {"mlp.head": lt.layer.layer_shape_of(tuner.model.mlp.head.get_base_layer())}
+    with pytest.raises(ValueError, match="no adaptable layer 'conv.c1'"):
+        kohya.peft_to_lycoris(config, tensors, layers=layers)
+    with pytest.raises(ValueError, match=r"conv\.c1\.hada_t1.*Conv1d or a Conv2d"):
+        kohya.peft_to_lycoris(config, tensors)  # without layers a (r, r, 3, 1) core is ambiguous
+
+
+def test_files_get_the_usual_mode_not_mkstemps(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_safetensors(tmp_path / "f.safetensors", {"a.x": np.zeros(2, np.float32)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.safetensors").stat().st_mode & 0o777 == 0o644
+    (tmp_path / "f.safetensors").chmod(0o600)
+    save_safetensors(tmp_path / "f.safetensors", {"a.x": np.ones(2, np.float32)})  # a replaced file keeps its mode
+    assert (tmp_path / "f.safetensors").stat().st_mode & 0o777 == 0o600
