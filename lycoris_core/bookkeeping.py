@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -627,10 +626,7 @@ class TunerBookkeeping:
         underscore names resolve against ``model``'s module paths (``prefix``: the file's, e.g.
         ``"lycoris"`` or ``"lora_unet"``; found when not given), then it loads as its PEFT
         equivalent would (:meth:`from_pretrained`), computing what lycoris-lora computes."""
-        source = kohya.read_lycoris(path)
-        config, tensors = kohya.lycoris_to_peft(source, cls._model_module_names(model, **kwargs), prefix=prefix)
-        with tempfile.TemporaryDirectory() as directory:
-            kohya.write_peft(directory, config, tensors)
+        with kohya.as_peft_directory(path, cls._model_module_names(model, **kwargs), prefix=prefix) as directory:
             return cls.from_pretrained(
                 model, directory, adapter_name, is_trainable, allow_nonfinite=allow_nonfinite, **kwargs
             )
@@ -647,13 +643,8 @@ class TunerBookkeeping:
             for name, module in self._module_table().items()
             if isinstance(module, self._layer_base) and adapter_name in module.plans
         }
-        with tempfile.TemporaryDirectory() as directory:
-            self.save_pretrained(directory, [adapter_name])
-            config, tensors = kohya.read_peft(
-                os.path.join(directory, "" if adapter_name == "default" else adapter_name)
-            )
-        out, metadata = kohya.peft_to_lycoris(config, tensors, prefix=prefix, layers=layers, where=adapter_name)
-        kohya.save_lycoris(path, out, metadata)
+        save = lambda directory: self.save_pretrained(directory, [adapter_name])  # noqa: E731
+        kohya.save_through_peft(save, adapter_name, path, prefix=prefix, layers=layers)
 
     @classmethod
     def _tuner_class_for(cls, peft_type: str) -> type:

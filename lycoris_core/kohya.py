@@ -24,8 +24,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,15 @@ from lycoris_core.checkpoint import SAFETENSORS_METADATA, checkpoint_key, split_
 from lycoris_core.config import LycorisConfig, config_class_for
 from lycoris_core.errors import CheckpointError
 from lycoris_core.files import read_adapter_files, save_adapters
-from lycoris_core.plan import LOHA_FACTORS, LOKR_FACTORS, AdapterPlan, LayerShape, plan_adapter, plan_from_factors
+from lycoris_core.plan import (
+    LOHA_FACTORS,
+    LOKR_FACTORS,
+    AdapterPlan,
+    LayerShape,
+    full_3d_lokr_w2,
+    plan_adapter,
+    plan_from_factors,
+)
 from lycoris_core.targets import resolve_rank_alpha
 from lycoris_core.tensors import dump_safetensors, load_safetensors, save_safetensors
 
@@ -43,6 +53,7 @@ __all__ = [
     "LYCORIS_PREFIX",
     "LycorisFile",
     "LycorisModule",
+    "as_peft_directory",
     "lycoris_name",
     "lycoris_to_peft",
     "peft_to_lycoris",
@@ -50,6 +61,7 @@ __all__ = [
     "read_peft",
     "resolve_names",
     "save_lycoris",
+    "save_through_peft",
     "write_peft",
 ]
 
@@ -270,10 +282,9 @@ def resolve_names(names: Iterable[str], module_names: Iterable[str], prefix: str
 
 
 def _check_representable(where: str, peft_type: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    w2 = shapes.get("lokr_w2")
-    if peft_type == "LOKR" and w2 is not None and len(w2) == 3:
+    if peft_type == "LOKR" and full_3d_lokr_w2(shapes):
         raise ValueError(
-            f"{where}: a Conv1d LoKr with a full 3-D lokr_w2 {w2} is kron(W1[..., None], W2) in LyCORIS but "
+            f"{where}: a Conv1d LoKr with a full 3-D lokr_w2 {shapes['lokr_w2']} is kron(W1[..., None], W2) in LyCORIS but "
             "PEFT's torch.kron layout in PEFT (docs/DEVIATIONS.md, d); no factors of one form give the other's ΔW, "
             "so it cannot be converted (use a rank below max(b, d)/2 for a low-rank W2)"
         )
@@ -444,3 +455,36 @@ def read_peft(directory: str | os.PathLike) -> tuple[LycorisConfig, dict[str, np
 def write_peft(directory: str | os.PathLike, config: LycorisConfig, tensors: Mapping[str, np.ndarray]) -> None:
     """Write a PEFT adapter directory crash-safely (the ``default`` adapter)."""
     save_adapters(directory, {"default": (config, dump_safetensors(tensors, SAFETENSORS_METADATA))})
+
+
+@contextmanager
+def as_peft_directory(
+    source: LycorisFile | str | os.PathLike,
+    module_names: Iterable[str] | Mapping[str, LayerShape],
+    *,
+    prefix: str | None = None,
+) -> Iterator[str]:
+    """A LyCORIS file as a temporary PEFT adapter directory for the model with ``module_names``, for
+    any front end's ``from_pretrained`` (every check of a PEFT load then applies)."""
+    source = source if isinstance(source, LycorisFile) else read_lycoris(source)
+    config, tensors = lycoris_to_peft(source, module_names, prefix=prefix)
+    with tempfile.TemporaryDirectory() as directory:
+        write_peft(directory, config, tensors)
+        yield directory
+
+
+def save_through_peft(
+    save_pretrained: Callable[[str], None],
+    adapter_name: str,
+    path: str | os.PathLike,
+    *,
+    prefix: str = LYCORIS_PREFIX,
+    layers: Mapping[str, LayerShape] | None = None,
+) -> None:
+    """Write the LyCORIS file of what ``save_pretrained(directory)`` writes in PEFT's layout (a
+    non-default adapter in ``directory/<adapter_name>/``), crash-safely."""
+    with tempfile.TemporaryDirectory() as directory:
+        save_pretrained(directory)
+        config, tensors = read_peft(os.path.join(directory, "" if adapter_name == "default" else adapter_name))
+    out, metadata = peft_to_lycoris(config, tensors, prefix=prefix, layers=layers, where=adapter_name)
+    save_lycoris(path, out, metadata)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from lycoris_core.plan import AdapterPlan
+from lycoris_core.plan import AdapterPlan, full_3d_lokr_w2
 
 __all__ = ["FORWARD_PATHS", "ForwardPath", "check_forward_path", "choose_path", "path_costs"]
 
@@ -56,7 +56,7 @@ def factorable(plan: AdapterPlan) -> bool:
         return False
     if plan.peft_type == "LOHA":
         return "hada_t1" not in shapes
-    return not (layer.kind == "conv1d" and len(shapes.get("lokr_w2", ())) == 3)
+    return not full_3d_lokr_w2(shapes)
 
 
 def path_costs(plan: AdapterPlan, tokens: int, *, training: bool) -> dict[str, float]:

@@ -19,6 +19,7 @@ __all__ = [
     "LayerShape",
     "factorization",
     "fan_in",
+    "full_3d_lokr_w2",
     "plan_adapter",
     "plan_from_factors",
     "plan_loha",
@@ -134,6 +135,12 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     if m > n:
         m, n = n, m
     return m, n
+
+
+def full_3d_lokr_w2(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """A Conv1d LoKr whose ``lokr_w2`` is full and 3-D: PEFT's ``torch.kron`` pads ``W1`` on the left,
+    a layout that is no channel-Kronecker product (docs/DEVIATIONS.md, d)."""
+    return len(shapes.get("lokr_w2", ())) == 3
 
 
 def _check_rank(where: str, r: Any) -> None:

@@ -15,11 +15,10 @@ from lycoris_core.files import DTYPE_SIZES, read_adapter_files
 from lycoris_core.kohya import read_lycoris
 from lycoris_core.plan import LOHA_FACTORS, LOKR_FACTORS
 from lycoris_core.targets import resolve_rank_alpha
-from lycoris_core.tensors import NUMPY_DTYPES
+from lycoris_core.tensors import SAFETENSORS_DTYPES
 
 __all__ = ["describe"]
 
-_NAMES = {v: k for k, v in NUMPY_DTYPES.items()}
 _METHOD = {"LOHA": "LoHa", "LOKR": "LoKr"}
 
 
@@ -57,7 +56,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     else:
         source = read_lycoris(path)
         for name, m in source.modules.items():
-            dtypes = {k: _NAMES[v.dtype] for k, v in m.factors.items()}
+            dtypes = {k: SAFETENSORS_DTYPES[v.dtype] for k, v in m.factors.items()}
             rows.append(_row(name, m.peft_type, m.shapes, dtypes, m.r, m.alpha, m.scale))
         fmt, methods = "lycoris", {m.peft_type for m in source.modules.values()}
     return {

@@ -18,7 +18,7 @@ from lycoris_core._io import atomic_write
 from lycoris_core.errors import CheckpointError
 from lycoris_core.files import FLOAT_DTYPES, read_safetensors_header
 
-__all__ = ["NUMPY_DTYPES", "dump_safetensors", "load_safetensors", "save_safetensors"]
+__all__ = ["NUMPY_DTYPES", "SAFETENSORS_DTYPES", "dump_safetensors", "load_safetensors", "save_safetensors"]
 
 #: safetensors dtype -> numpy dtype, for the float dtypes a factor may have.
 NUMPY_DTYPES = {
@@ -27,7 +27,8 @@ NUMPY_DTYPES = {
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
 }
-_NAMES = {v: k for k, v in NUMPY_DTYPES.items()}
+#: numpy dtype -> safetensors dtype.
+SAFETENSORS_DTYPES = {v: k for k, v in NUMPY_DTYPES.items()}
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -55,11 +56,13 @@ def dump_safetensors(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, st
     for key in sorted(arrays):
         array = np.ascontiguousarray(arrays[key])
         native = array.dtype.newbyteorder("=")
-        if native not in _NAMES:
-            raise TypeError(f"{key}: cannot store dtype {array.dtype} (expected one of {sorted(_NAMES.values())})")
+        if native not in SAFETENSORS_DTYPES:
+            raise TypeError(
+                f"{key}: cannot store dtype {array.dtype} (expected one of {sorted(SAFETENSORS_DTYPES.values())})"
+            )
         raw = array.astype(native.newbyteorder("<"), copy=False).tobytes()
         header[key] = {
-            "dtype": _NAMES[native],
+            "dtype": SAFETENSORS_DTYPES[native],
             "shape": list(array.shape),
             "data_offsets": [offset, offset + len(raw)],
         }

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,9 +102,7 @@ def _check(args: argparse.Namespace) -> int:
     if os.path.isdir(args.path):
         return run_check(args.path)
     source = kohya.read_lycoris(args.path)  # no model needed: the file's own names serve as module paths
-    config, tensors = kohya.lycoris_to_peft(source, list(source.modules), prefix="")
-    with tempfile.TemporaryDirectory() as directory:
-        kohya.write_peft(directory, config, tensors)
+    with kohya.as_peft_directory(source, list(source.modules), prefix="") as directory:
         return run_check(directory)
 
 

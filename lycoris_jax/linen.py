@@ -28,7 +28,6 @@ import dataclasses
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -405,7 +404,5 @@ def from_lycoris(
     """``(wrapped module, factors collection)`` from a LyCORIS/kohya single file; names resolve against
     ``params`` (``prefix``: the file's, found when not given); ``kwargs`` as in :func:`from_pretrained`."""
     names = pytree.module_names(params, rename=kwargs.get("rename"), stacks=kwargs.get("stacks", ()))
-    config, tensors = kohya.lycoris_to_peft(kohya.read_lycoris(path), names, prefix=prefix)
-    with tempfile.TemporaryDirectory() as directory:
-        kohya.write_peft(directory, config, tensors)
+    with kohya.as_peft_directory(path, names, prefix=prefix) as directory:
         return from_pretrained(directory, module, params, **kwargs)

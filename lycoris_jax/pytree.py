@@ -32,7 +32,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -506,12 +505,8 @@ def save_lycoris(adapter: Adapter, path: str | os.PathLike, *, prefix: str = koh
     """A LyCORIS/kohya single file (crash-safe) computing what ``adapter`` computes, for lycoris-lora
     and kohya-style tools (``lycoris_core.kohya.peft_to_lycoris``)."""
     layers = {name: plan.layer for name, plan in adapter.plans.items()}
-    with tempfile.TemporaryDirectory() as directory:
-        save_pretrained(adapter, directory)
-        sub = "" if adapter.adapter_name == "default" else adapter.adapter_name
-        config, tensors = kohya.read_peft(os.path.join(directory, sub))
-    out, metadata = kohya.peft_to_lycoris(config, tensors, prefix=prefix, layers=layers, where=adapter.adapter_name)
-    kohya.save_lycoris(path, out, metadata)
+    save = lambda directory: save_pretrained(adapter, directory)  # noqa: E731
+    kohya.save_through_peft(save, adapter.adapter_name, path, prefix=prefix, layers=layers)
 
 
 def module_names(params: Any, *, rename: Rename = None, stacks: Sequence[str] = ()) -> list[str]:
@@ -524,9 +519,7 @@ def from_lycoris(path: str | os.PathLike, params: Any, *, prefix: str | None = N
     :func:`module_names` (``prefix``: the file's, found when not given); ``kwargs`` as in
     :func:`from_pretrained`."""
     names = module_names(params, rename=kwargs.get("rename"), stacks=kwargs.get("stacks", ()))
-    config, tensors = kohya.lycoris_to_peft(kohya.read_lycoris(path), names, prefix=prefix)
-    with tempfile.TemporaryDirectory() as directory:
-        kohya.write_peft(directory, config, tensors)
+    with kohya.as_peft_directory(path, names, prefix=prefix) as directory:
         return from_pretrained(directory, params, **kwargs)
 
 
