@@ -226,7 +226,7 @@ def linen_steps(paths: tuple[str, ...]) -> dict[str, Callable[[], Any]]:
             )
 
             @jax.jit
-            def step(lyc: Any, state: Any, adapted: Any = adapted) -> Any:
+            def step(lyc: Any, state: Any, params: Any, adapted: Any = adapted) -> Any:
                 def loss(lyc: Any) -> jax.Array:
                     out = adapted.apply(
                         {"params": params, "lycoris": lyc}, ids, mask, positions, rngs={"dropout": jax.random.key(2)}
@@ -239,8 +239,8 @@ def linen_steps(paths: tuple[str, ...]) -> dict[str, Callable[[], Any]]:
 
             box = [lycoris, tx.init(lycoris)]
 
-            def run(box: list = box, step: Any = step) -> None:
-                box[0], box[1], loss = step(*box)
+            def run(box: list = box, step: Any = step) -> None:  # the frozen weights are an argument, as above
+                box[0], box[1], loss = step(*box, params)
                 jax.block_until_ready(loss)
 
             out[f"{method} {path}"] = run

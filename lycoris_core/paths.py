@@ -18,11 +18,12 @@ masked conv, CP LoHa, ``LinearGeneral``/``Einsum``) takes ``"merged"``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 from lycoris_core.plan import AdapterPlan, full_3d_lokr_w2
 
-__all__ = ["FORWARD_PATHS", "ForwardPath", "check_forward_path", "choose_path", "path_costs"]
+__all__ = ["FORWARD_PATHS", "ForwardPath", "Split", "check_forward_path", "choose_path", "path_costs"]
 
 ForwardPath = Literal["auto", "factored", "merged", "peft"]
 FORWARD_PATHS: tuple[str, ...] = ("auto", "factored", "merged", "peft")
@@ -33,6 +34,17 @@ FORWARD_PATHS: tuple[str, ...] = ("auto", "factored", "merged", "peft")
 #: in training the factored step stays cheaper through 4096) and B1 (d=512 Llama, 512 tokens: the
 #: factored LoHa and LoKr steps beat the merged ones).
 ELEMENTWISE_WEIGHT = 64.0
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one layer call's work is divided over devices: the input rows ``tokens`` ways, the kernel
+    ``kernel`` ways, and their product ``matmul`` ways (the devices that split either: ``tokens ·
+    kernel`` on different mesh axes, fewer where both use one axis, as under FSDP)."""
+
+    tokens: int = 1
+    kernel: int = 1
+    matmul: int = 1
 
 
 def check_forward_path(value: object) -> str:
@@ -59,17 +71,30 @@ def factorable(plan: AdapterPlan) -> bool:
     return not full_3d_lokr_w2(shapes)
 
 
-def path_costs(plan: AdapterPlan, tokens: int, *, training: bool) -> dict[str, float]:
-    """Multiply-adds each path adds to the frozen layer's forward (and, ``training``, backward).
+def path_costs(
+    plan: AdapterPlan,
+    tokens: int,
+    *,
+    training: bool,
+    itemsize: int = 4,
+    split: Split = Split(),
+) -> dict[str, float]:
+    """Multiply-adds each path adds to the frozen layer's forward (and, ``training``, backward), per
+    device.
 
     ``tokens`` counts the input rows (``N``: batch times sequence; a conv's batch times positions).
-    Kernel-sized elementwise passes count :data:`ELEMENTWISE_WEIGHT` each. The frozen layer's own
-    ``dx`` is shared by every path and not counted.
+    Kernel-sized elementwise passes count :data:`ELEMENTWISE_WEIGHT` each for 4-byte elements, in
+    proportion to ``itemsize`` (the kernel dtype's bytes: a bf16 pass moves half the bytes).
+    ``split`` (:class:`Split`): token-sized work divides by ``split.tokens``, kernel-sized work by
+    ``split.kernel``, a matmul by ``split.matmul``. So data parallelism (the kernel whole on every
+    device) favours ``"factored"``, and FSDP or tensor parallelism (both split alike) leave the
+    balance as it is unsharded. The frozen layer's own ``dx`` is shared by every path and not counted.
     """
     layer = plan.layer
     out_f, in_f, numel = layer.out_features, layer.in_features, math.prod(plan.weight_shape)
     k = math.prod(layer.kernel_size)  # 1 for a Linear
-    n, ew = float(tokens), ELEMENTWISE_WEIGHT
+    n, ew = tokens / split.tokens, ELEMENTWISE_WEIGHT * itemsize / 4
+    numel, matmul = numel / split.kernel, tokens * numel / split.matmul
     if plan.peft_type == "LOKR":
         shapes = plan.factor_shapes
         a = shapes["lokr_w1"][0] if "lokr_w1" in shapes else shapes["lokr_w1_a"][0]
@@ -84,9 +109,9 @@ def path_costs(plan: AdapterPlan, tokens: int, *, training: bool) -> dict[str, f
         step = n * r2 * (in_f * k + out_f)  # (x Q) Rᵀ
         linear_grads = n * r2 * 2 * (in_f + out_f)  # Y, Z, dR, dQ of ``loha.linear_grads``
     # merged backward: factored for a Linear; a conv's weight gradient and ΔW formed again
-    grads = linear_grads if layer.kind == "linear" else n * numel + form
+    grads = linear_grads if layer.kind == "linear" else matmul + form
     costs = {
-        "peft": form + n * numel * (3 if training else 1),  # branch matmul, its dx and dΔW
+        "peft": form + matmul * (3 if training else 1),  # branch matmul, its dx and dΔW
         "merged": form + ew * numel + (grads if training else 0),
     }
     if factorable(plan):
@@ -94,11 +119,20 @@ def path_costs(plan: AdapterPlan, tokens: int, *, training: bool) -> dict[str, f
     return costs
 
 
-def choose_path(requested: str, plan: AdapterPlan, tokens: int, *, training: bool, supported: bool) -> str:
+def choose_path(
+    requested: str,
+    plan: AdapterPlan,
+    tokens: int,
+    *,
+    training: bool,
+    supported: bool,
+    itemsize: int = 4,
+    split: Split = Split(),
+) -> str:
     """The path one adapter call takes: ``requested`` unless it is ``"auto"`` (cheapest of
-    ``"merged"``/``"factored"`` by :func:`path_costs`) or ``"factored"`` where the algebra
-    (:func:`factorable`) or the layer object (``supported=False``: a masked conv, a
-    ``LinearGeneral``) does not allow it (then ``"merged"``)."""
+    ``"merged"``/``"factored"`` by :func:`path_costs`, which takes the dtype's ``itemsize`` and the
+    devices' ``split``) or ``"factored"`` where the algebra (:func:`factorable`) or the layer object
+    (``supported=False``: a masked conv, a ``LinearGeneral``) does not allow it (then ``"merged"``)."""
     can_factor = supported and factorable(plan)
     if requested == "peft" or requested == "merged":
         return requested
@@ -106,5 +140,5 @@ def choose_path(requested: str, plan: AdapterPlan, tokens: int, *, training: boo
         return "factored" if can_factor else "merged"
     if not can_factor:
         return "merged"
-    costs = path_costs(plan, tokens, training=training)
+    costs = path_costs(plan, tokens, training=training, itemsize=itemsize, split=split)
     return "factored" if costs["factored"] <= costs["merged"] else "merged"

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lycoris_core import AdapterPlan, fan_in
+from lycoris_core.paths import Split
 from lycoris_core.sharding import factor_specs
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "reshape",
     "scaled",
     "shard_like",
+    "split_of",
     "to_flax_kernel",
     "to_torch_layout",
 ]
@@ -51,6 +53,24 @@ def _explicit_spec(x: Any) -> tuple[Any, ...] | None:
         return None
     spec = tuple(jax.typeof(x).sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))
+
+
+def split_of(x: jax.Array, kernel: jax.Array) -> Split:
+    """How a layer call on ``x`` with ``kernel`` is divided over devices (``lycoris_core.paths.Split``),
+    as their types show under an all-Explicit mesh: ``x``'s leading (token) dims and the kernel's
+    mesh axes. ``Split()`` otherwise: Auto axes are not visible while tracing, so the cost rule then
+    compares global sizes."""
+    x_spec, k_spec = _explicit_spec(x), _explicit_spec(kernel)
+    if x_spec is None or k_spec is None:
+        return Split()
+    sizes = dict(jax.sharding.get_abstract_mesh().shape)
+
+    def axes(entries: tuple[Any, ...]) -> set[str]:
+        return {n for e in entries if e is not None for n in (e if isinstance(e, (tuple, list)) else (e,))}
+
+    token_axes, kernel_axes = axes(x_spec[:-1]), axes(k_spec)
+    ways = lambda names: math.prod(sizes[n] for n in names)  # noqa: E731
+    return Split(ways(token_axes), ways(kernel_axes), ways(token_axes | kernel_axes))
 
 
 def _reshaped_spec(shape: tuple[int, ...], spec: tuple[Any, ...], new: tuple[int, ...]) -> tuple[Any, ...] | None:

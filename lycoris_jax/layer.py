@@ -473,8 +473,10 @@ class _FactorizedLayer(LycorisLayer):
     # ------------------------------------------------------------------ forward paths
     def _forward_path(self, adapter_name: str, x: jax.Array) -> str:
         """``lycoris_core.paths.choose_path`` for this call: tokens are ``x``'s leading dims; the
-        training cost counts when dropout is on (``model.train()``)."""
+        training cost counts when dropout is on (``model.train()``); the kernel's dtype and the
+        shardings visible at trace time (``functional.split_of``) weigh the costs."""
         base = self.get_base_layer()
+        kernel = base.kernel[...]
         return choose_path(
             self.forward_path,
             self.plans[adapter_name],
@@ -482,6 +484,8 @@ class _FactorizedLayer(LycorisLayer):
             training=not self.deterministic,
             supported=isinstance(base, nnx.Linear)
             or (isinstance(base, nnx.Conv) and base.mask is None and base.feature_group_count == 1),
+            itemsize=jnp.dtype(kernel.dtype).itemsize,
+            split=functional.split_of(x, kernel),
         )
 
     def _rank_dropout_draw(self, adapter_name: str) -> jax.Array | None:

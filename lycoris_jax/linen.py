@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lycoris_core import LycorisConfig, kohya
-from lycoris_core.paths import check_forward_path, choose_path
+from lycoris_core.paths import Split, check_forward_path, choose_path
 from lycoris_jax import functional, paths, pytree
 from lycoris_jax.layer import check_branch_dtype
 
@@ -94,12 +94,23 @@ class LycorisModule(nn.Module):
         with nn.intercept_methods(self._intercept):
             return self.module(*args, **kwargs)
 
+    @nn.nowrap
+    def _path_of(self, layer: nn.Module) -> tuple[str, ...]:
+        """``layer``'s path below this module, read from its scope chain: ``Module.path`` keeps a name
+        that ``nn.share_scope`` took away (the layers an ``nn.Sequential`` was built with still
+        carry ``module``), while the variables are found along the chain."""
+        names, scope = [], layer.scope
+        while scope is not None and scope is not self.scope:
+            names.append(scope.name)
+            scope = scope.parent
+        return tuple(reversed(names)) if scope is self.scope else tuple(layer.path[len(self.path) :])
+
     @nn.nowrap  # not a Linen method: it must not itself be intercepted
     def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         layer = context.module
         if context.method_name != "__call__" or not isinstance(layer, SUPPORTED) or _inside_delta.get():
             return next_fun(*args, **kwargs)
-        name, target = {t.path: (n, t) for n, t in self.targets}.get(tuple(layer.path[len(self.path) :]), (None, None))
+        name, target = {t.path: (n, t) for n, t in self.targets}.get(self._path_of(layer), (None, None))
         if target is None:
             return next_fun(*args, **kwargs)
         factors = {f: layer.get_variable(self.collection, f) for f in target.plan.factor_shapes}
@@ -122,8 +133,15 @@ class LycorisModule(nn.Module):
         dense = isinstance(layer, nn.Dense)
         # a Linen plan sees one group's kernel: the layer itself says whether it is grouped
         supported = dense or (isinstance(layer, nn.Conv) and layer.mask is None and layer.feature_group_count == 1)
+        kernel = layer.get_variable("params", "kernel")
         path = choose_path(
-            self.forward_path, plan, math.prod(x.shape[:-1]), training=not self.deterministic, supported=supported
+            self.forward_path,
+            plan,
+            math.prod(x.shape[:-1]),
+            training=not self.deterministic,
+            supported=supported,
+            itemsize=jnp.dtype(kernel.dtype).itemsize if kernel is not None else 4,
+            split=functional.split_of(x, kernel) if kernel is not None else Split(),
         )
         if path == "peft":
             result = next_fun(*args, **kwargs) if args else next_fun(x, *rest, **kwargs)
@@ -156,7 +174,6 @@ class LycorisModule(nn.Module):
                 if keep is True
                 else jnp.where(keep, result + y, result).astype(result.dtype)
             )
-        kernel = layer.get_variable("params", "kernel")
         bias = layer.get_variable("params", "bias")
         to_kernel = target.layout.to_kernel if target.layout is not None else functional.to_flax_kernel
         dtype = (

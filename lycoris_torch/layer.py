@@ -316,7 +316,7 @@ class _FactorizedLayer(LycorisLayer):
     # ------------------------------------------------------------------ forward paths
     def _forward_path(self, adapter_name: str, x: torch.Tensor) -> str:
         """``lycoris_core.paths.choose_path`` for this call (tokens: ``x``'s leading dims; a conv's
-        batch times positions); the training cost counts in training mode."""
+        batch times positions; the weight's dtype); the training cost counts in training mode."""
         base = self.get_base_layer()
         tokens = x.numel() // x.shape[-1] if isinstance(base, nn.Linear) else x.numel() // max(x.shape[1], 1)
         return choose_path(
@@ -325,6 +325,7 @@ class _FactorizedLayer(LycorisLayer):
             tokens,
             training=self.training,
             supported=True,  # every wrapped torch layer; the plan says what the algebra allows
+            itemsize=base.weight.element_size(),
         )
 
     def _rows(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lycoris_core import LayerShape, LoHaConfig, LoKrConfig, plan_loha, plan_lokr
-from lycoris_core.paths import FORWARD_PATHS, check_forward_path, choose_path, path_costs
+from lycoris_core.paths import FORWARD_PATHS, Split, check_forward_path, choose_path, path_costs
 
 LINEAR = LayerShape("linear", 512, 512)
 CONV = LayerShape("conv2d", 64, 32, (3, 3))
@@ -54,3 +54,24 @@ def test_cost_rule_inputs_are_checked():
     assert choose_path("factored", lokr(grouped), 64, training=True, supported=True) == "merged"
     cp = plan_loha(CONV, 4, 4.0, LoHaConfig(use_effective_conv2d=True))
     assert choose_path("factored", cp, 64, training=True, supported=True) == "merged"
+
+
+def test_cost_rule_weighs_the_dtype_and_the_shardings():
+    plan = loha()  # 512x512, r=8: forming ΔW pays off from ~576 tokens in training (fp32, one device)
+    auto = lambda tokens, **kw: choose_path("auto", plan, tokens, training=True, supported=True, **kw)  # noqa: E731
+    assert auto(4096) == "merged"
+    # data parallel over 8 devices: 512 tokens per device against a whole kernel on each
+    assert auto(4096, split=Split(tokens=8, matmul=8)) == "factored"
+    # FSDP (tokens and kernel split over one axis) or 8x8 data x tensor parallel: the unsharded balance
+    assert auto(4096, split=Split(tokens=8, kernel=8, matmul=8)) == "merged"
+    assert auto(4096, split=Split(tokens=8, kernel=8, matmul=64)) == "merged"
+    # a kernel-sized pass moves itemsize bytes per element: bf16 halves it, the factored work stays
+    fp32, bf16 = path_costs(plan, 448, training=True), path_costs(plan, 448, training=True, itemsize=2)
+    assert bf16["factored"] == fp32["factored"] and bf16["merged"] < fp32["merged"]
+    assert auto(448) == "factored" and auto(448, itemsize=2) == "merged"
+    # per device: a split over 8 devices divides every cost by 8 (the matmul too, FSDP-style)
+    whole = path_costs(plan, 4096, training=True)
+    for split in (Split(8, 8, 8), Split(8, 8, 64)):
+        costs = path_costs(plan, 4096, training=True, split=split)
+        assert costs["merged"] == pytest.approx(whole["merged"] / 8)
+        assert costs["peft"] == pytest.approx(whole["peft"] / split.matmul, rel=0.05)  # its matmul dominates

@@ -118,5 +118,6 @@ def test_linen_and_pytree_take_a_traced_scale():
 
     full, half = forward(lyc, 1.0), forward(lyc, 0.5)
     base = seq.apply({"params": params}, X)
+    assert np.abs(full - base).max() > 1e-3  # the adapter is on
     np.testing.assert_allclose(half - base, (full - base) / 2, atol=1e-5)
     assert len(traces) == 1

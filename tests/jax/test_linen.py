@@ -241,3 +241,18 @@ def test_without_tracing_a_dense_general_kernel_needs_kinds(attention):
         params, lj.LoKrConfig(r=2, target_modules=["out"]), key=jax.random.key(0), kinds={r".*out": ((0, 1), (2,))}
     )
     assert adapter.plans["attn.out"].layer.in_features == 8
+
+
+def test_the_layers_an_nn_sequential_is_built_with_are_adapted():
+    """``nn.share_scope`` leaves ``module`` in the ``Module.path`` of the layers an ``nn.Sequential``
+    was built with; targets are matched along the scope chain, where the params are (these layers
+    were once skipped without a word)."""
+    seq = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+    x = jnp.ones((3, 6))
+    params = seq.init(jax.random.key(0), x)["params"]
+    cfg = lj.LoHaConfig(r=2, target_modules=["layers_0", "layers_2"], init_weights=False)
+    adapted, lyc = linen.adapt(seq, params, cfg, key=jax.random.key(1))
+    out, base = adapted.apply({"params": params, "lycoris": lyc}, x), seq.apply({"params": params}, x)
+    merged = seq.apply({"params": linen.merge(adapted, params, lyc)}, x)
+    assert np.abs(out - base).max() > 1e-2
+    np.testing.assert_allclose(out, merged, rtol=1e-5, atol=1e-6)

@@ -247,3 +247,45 @@ def test_a_scanned_stack_keeps_its_layer_axis_and_its_kernel_sharding():
         assert factors["hada_w1_b"][...].sharding.spec == PartitionSpec(None, None, None)
         got = forward(t, jax.device_put(x, PartitionSpec("data", None)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_the_cost_rule_sees_how_an_explicit_mesh_splits_a_call(monkeypatch):
+    """Explicit axes show the split while tracing (``functional.split_of``). A 512x512 LoHa at 4096
+    tokens forms ΔW on one device, but with the tokens split 8 ways and the kernel whole on every
+    device (data parallel) the factored branch is cheaper; with the kernel split over the same axis
+    (FSDP) the balance is the unsharded one. The NNX layer and the Linen transform agree."""
+    from flax import linen as nn
+
+    from lycoris_core.paths import Split
+    from lycoris_jax import linen
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    cfg = lj.LoHaConfig(r=8, target_modules=["layers.0"])
+    x = np.zeros((4096, 512), np.float32)
+
+    def nnx_choice(kernel_axes=None):
+        init = nnx.initializers.lecun_normal()
+        init = init if kernel_axes is None else nnx.with_partitioning(init, kernel_axes)
+        tuner = lj.LoHaModel(nnx.Sequential(nnx.Linear(512, 512, kernel_init=init, rngs=nnx.Rngs(0))), cfg)
+        layer, seen = tuner.model.layers[0], []
+        jax.make_jaxpr(lambda x: seen.append(layer._forward_path("default", x)))(x)
+        return seen[0]
+
+    assert nnx_choice() == "merged"  # no mesh: global sizes
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x, PartitionSpec("data", None))
+        assert nnx_choice((None, None)) == "factored"  # data parallel: 512 tokens per device
+        assert nnx_choice(("data", None)) == "merged"  # FSDP
+
+        splits = []
+        choose = linen.choose_path
+        monkeypatch.setattr(linen, "choose_path", lambda *a, **kw: splits.append(kw["split"]) or choose(*a, **kw))
+        model = nn.Sequential([nn.Dense(512)])
+        params = jax.device_put(
+            model.init(jax.random.key(0), np.zeros((1, 512), np.float32))["params"], PartitionSpec()
+        )
+        adapted, lycoris = linen.adapt(
+            model, params, lj.LoHaConfig(r=8, target_modules=["layers_0"]), key=jax.random.key(1)
+        )
+        jax.make_jaxpr(lambda x: adapted.apply({"params": params, "lycoris": lycoris}, x))(x)
+        assert splits == [Split(tokens=8, kernel=1, matmul=8)]
