@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lycoris_core import LycorisConfig, kohya
-from lycoris_core.paths import Split, check_forward_path, choose_path
+from lycoris_core.paths import check_forward_path, choose_path
 from lycoris_jax import functional, paths, pytree
 from lycoris_jax.layer import check_branch_dtype
 
@@ -133,15 +133,15 @@ class LycorisModule(nn.Module):
         dense = isinstance(layer, nn.Dense)
         # a Linen plan sees one group's kernel: the layer itself says whether it is grouped
         supported = dense or (isinstance(layer, nn.Conv) and layer.mask is None and layer.feature_group_count == 1)
-        kernel = layer.get_variable("params", "kernel")
+        kernel = layer.get_variable("params", "kernel")  # every SUPPORTED layer has one
         path = choose_path(
             self.forward_path,
             plan,
             math.prod(x.shape[:-1]),
             training=not self.deterministic,
             supported=supported,
-            itemsize=jnp.dtype(kernel.dtype).itemsize if kernel is not None else 4,
-            split=functional.split_of(x, kernel) if kernel is not None else Split(),
+            itemsize=jnp.dtype(kernel.dtype).itemsize,
+            split=functional.split_of(x, kernel),
         )
         if path == "peft":
             result = next_fun(*args, **kwargs) if args else next_fun(x, *rest, **kwargs)
