@@ -12,18 +12,20 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from lycoris_core import kohya, state
-from lycoris_core.checkpoint import checkpoint_key
+from lycoris_core.checkpoint import SAFETENSORS_METADATA, checkpoint_key
 from lycoris_core.config import CONFIG_NAME, LycorisConfig, config_class_for
 from lycoris_core.errors import CheckpointError
-from lycoris_core.files import AdapterFiles, Checkpoint, read_adapter_files, read_checkpoint, save_adapters
+from lycoris_core.files import read_adapter_files, save_adapters
 from lycoris_core.paths import check_forward_path
-from lycoris_core.plan import AdapterPlan, LayerShape
-from lycoris_core.targets import NoMatchingModuleError, match_targets, resolve_rank_alpha
+from lycoris_core.plan import AdapterPlan, factor_names
+from lycoris_core.resolve import Layer, resolve, saved_config, table_shapes
+from lycoris_core.targets import NoMatchingModuleError
+from lycoris_core.tensors import dump_safetensors, read_tensors
 
 __all__ = ["LayerBookkeeping", "TunerBookkeeping"]
 
@@ -33,9 +35,9 @@ class LayerBookkeeping:
 
     State: ``plans`` ``{name: AdapterPlan}``, ``scaling`` ``{name: float}``, ``_active_adapter``,
     ``merged_adapters``, ``_disable_adapters``, ``cast_input_dtype_enabled``.
-    Hooks: ``base_layer``, ``_available_adapters``, ``get_delta_weight``, ``_get_delta_activations``,
-    ``_merged_weight(names, sign, check, where)``, ``_set_base_weight(w)``, ``_astype(x, dtype)``,
-    ``_module_dropout_keep(name)`` (``True``, ``False`` or a boolean array), ``_where(c, a, b)``.
+    Hooks: ``_available_adapters`` (names holding factors), ``_merged_weight(names, sign, check, where)``
+    (the base weight with ``sign·ΔW`` of ``names`` added), ``_set_base_weight(w)``, ``set_adapter(names)``.
+    The forward pass is each framework's own (``lycoris_jax.adapted.adapted_call``, the torch layer's).
     """
 
     plans: dict[str, AdapterPlan]
@@ -150,73 +152,27 @@ class LayerBookkeeping:
         """Divide active adapters' scaling by ``scale``, or reset it to ``alpha / r`` when ``None``."""
         self.scaling = self._rescaled("unscale_layer", scale)
 
-    def _cast_input_dtype(self, x: Any, dtype: Any) -> Any:
-        if x is None or not self.cast_input_dtype_enabled or x.dtype == dtype:
-            return x
-        return self._astype(x, dtype)
-
-    def _forward_path(self, adapter_name: str, x: Any) -> str:
-        """The forward path of ``adapter_name`` for input ``x`` (``lycoris_core.paths``); PEFT's here."""
-        return "peft"
-
-    def _adapted_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        """PEFT's forward: base output plus every active adapter's delta (module dropout in
-        training), the merged/disabled shortcuts, and the result cast back to ``x``'s dtype.
-
-        Each adapter takes its forward path (:meth:`_forward_path`): ``"merged"`` adapters are folded
-        into one base call (:meth:`_folded_forward` of :meth:`_fold` entries), ``"factored"`` and
-        ``"peft"`` ones add a branch. Dropout draws keep PEFT's order: module, then rank, per adapter.
-        """
-        previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self._astype(self.base_layer(x, *args, **kwargs), previous_dtype)
-        if self.merged:
-            return self._astype(self.base_layer(x, *args, **kwargs), previous_dtype)
-        folds, branches = [], []
-        for name in self.active_adapters:
-            if name not in self._available_adapters:
-                continue
-            keep = self._module_dropout_keep(name)
-            if keep is False:
-                continue
-            path = self._forward_path(name, x)
-            if path == "merged":
-                folds.append(self._fold(name, keep))
-            elif path == "factored":
-                branches.append((self._factored_activations(name, x, *args, **kwargs), keep))
-            else:
-                branches.append((self._get_delta_activations(name, x, *args, **kwargs), keep))
-        result = self._folded_forward(folds, x, *args, **kwargs) if folds else self.base_layer(x, *args, **kwargs)
-        for delta, keep in branches:
-            result = result + delta if keep is True else self._where(keep, result + delta, result)
-        return self._astype(result, previous_dtype)
-
 
 class TunerBookkeeping:
     """Model-level operations shared by the twins' ``LycorisTuner``.
 
-    State: ``model``, ``peft_config`` ``{name: config}``, ``active_adapter`` (list), and the class
-    attributes ``prefix``, ``config_cls``, ``layers_mapping``. Class hooks: ``_registry`` (tuners
-    by ``peft_type``), ``_layer_base`` (the twin's ``LycorisLayer``), ``_linear_type``,
-    ``_layer_shape_of(module, key)``. Method hooks: ``_module_table()`` ``{name: module}``,
-    ``_module_aliases()`` ``{id(module): [every name]}``, ``_lycoris_layers()``,
-    ``_replace_child(parent, key, module)``,
-    ``_inject(adapter_name, config, plans, fill)``, ``_fill(adapter_name, config, by_module, other,
-    tensors)`` (returns the fill callback), ``_factor_tensors(layer, adapter_name)``,
-    ``_read_state(path)``, ``_serialize_state(tensors)`` (safetensors bytes), ``_all_finite(tensor)``,
-    ``eval()``, ``_unload_layers()``; optional:
-    ``_output_embeddings()``, ``_layer_kwargs()``, ``_extra_state(adapter_name)``, ``_check_set_adapter(names)``,
-    ``_after_set_adapter(names)``, ``_after_delete_adapter(adapter_name)``, ``_enable_adapters``.
+    State: ``model``, ``peft_config`` ``{name: config}``, ``active_adapter`` (list), ``forward_path``;
+    class attributes ``config_cls`` (a concrete tuner's) and ``_registry`` (tuners by ``peft_type``).
+    Framework hooks: ``_table_of(model, **options)`` (class method: the resolver's table,
+    ``lycoris_core.resolve.Layer`` per module), ``_table_options`` (this tuner's options for it),
+    ``_inject(adapter_name, config, plans, values, extra)``, ``_lycoris_layers()``, ``_unload_layers()``,
+    ``_layer_state(name, layer, adapter_name)`` (``{module: {factor: array}}``), ``_numpy(array)``,
+    ``eval()``. Targets, checkpoint checks, merging, scaling and files are here, once.
     """
 
     prefix: ClassVar[str]
     config_cls: ClassVar[type[LycorisConfig]]
-    layers_mapping: ClassVar[dict[type, type]]
     _registry: ClassVar[dict[str, type]]
-    _layer_base: ClassVar[type]
-    _linear_type: ClassVar[type]
+    #: The front end's name in messages, and whether it has ``modules_to_save``.
+    _front_end: ClassVar[str] = ""
+    _modules_to_save: ClassVar[bool] = False
+    #: The front end's layer class per layer kind, for messages.
+    _kind_names: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -224,89 +180,31 @@ class TunerBookkeeping:
         if config_cls is not None and config_cls.PEFT_TYPE:
             cls._registry[config_cls.PEFT_TYPE] = cls
 
-    # ------------------------------------------------------------------ targets
     @property
     def active_adapters(self) -> list[str]:
         return list(self.active_adapter)
 
-    @classmethod
-    def _layer_class_for(cls, target: Any, key: str) -> type:
-        base = target.get_base_layer() if isinstance(target, cls._layer_base) else target
-        for subtype, layer_cls in cls.layers_mapping.items():
-            if isinstance(base, subtype):
-                return layer_cls
-        supported = ", ".join(t.__name__ for t in cls.layers_mapping)
-        raise TypeError(
-            f"{key}: target module of type {type(base).__name__} not supported, "
-            f"currently only adapters for {supported} are supported"
-        )
+    # ------------------------------------------------------------------ targets
+    @property
+    def _table_options(self) -> dict[str, Any]:
+        return {}
 
-    def _output_embeddings(self) -> Any:
-        """The model's output layer, excluded from ``"all-linear"`` (``None`` if it has none)."""
-        return None
+    def _table(self) -> dict[str, Layer]:
+        return self._table_of(self.model, **self._table_options)
 
-    def _output_layer_names(self, config: LycorisConfig) -> list[str]:
-        """Names excluded from ``"all-linear"``: the output embedding, or for ``SEQ_CLS`` models
-        without one the classifier head (``score`` / ``classifier``), as PEFT does."""
-        head = self._output_embeddings()
-        if head is None and config.task_type == "SEQ_CLS":
-            head = next(
-                (h for h in (getattr(self.model, n, None) for n in ("score", "classifier")) if h is not None), None
-            )
-        return [n for n, m in self._module_table().items() if head is not None and m is head]
-
-    def _linear_names(self, modules: Mapping[str, Any], config: LycorisConfig) -> list[str]:
-        """The modules ``"all-linear"`` selects (framework hook: the JAX twin warns about linear-looking
-        layers it cannot adapt instead of skipping them silently)."""
-        return [n for n, m in modules.items() if isinstance(m, self._linear_type)]
-
-    def _resolve_targets(self, config: LycorisConfig) -> dict[str, AdapterPlan | None]:
-        """Match targets and plan every factor without touching the model: ``{name: plan or None}``
-        (``None`` for layer classes without a ``plan_fn``, e.g. custom variants)."""
-        modules = self._module_table()
+    def _resolve_targets(
+        self, config: LycorisConfig, table: Mapping[str, Layer] | None = None
+    ) -> dict[str, AdapterPlan]:
+        """``{module name: AdapterPlan}`` of ``config`` on this model (``lycoris_core.resolve``); nothing changes."""
         model_config = getattr(self.model, "config", None)
-        match = match_targets(
+        return resolve(
             config,
-            list(modules),
-            linear_names=self._linear_names(modules, config),
-            output_names=self._output_layer_names(config),
+            self._table() if table is None else table,
             model_type=getattr(model_config, "model_type", None),
+            modules_to_save=self._modules_to_save,
+            front_end=self._front_end,
+            kind_names=self._kind_names,
         )
-        aliases = self._module_aliases()
-        plans: dict[str, AdapterPlan | None] = {}
-        for key in match.targeted:
-            target = modules[key]
-            paths = aliases.get(id(target), [key])
-            if len(paths) > 1:
-                raise ValueError(
-                    f"{key}: this module is shared, reachable as {paths}; an adapter on it would be bypassed on "
-                    "all but one path. Untie it or exclude it (exclude_modules)."
-                )
-            layer_cls = self._layer_class_for(target, key)
-            if isinstance(target, self._layer_base) and not isinstance(target, tuple(self.layers_mapping.values())):
-                raise TypeError(
-                    f"{key}: already holds a {type(target).__name__}; mixing adapter types in one model "
-                    f"is not supported by {type(self).__name__}"
-                )
-            plan_fn: Callable[..., AdapterPlan] | None = getattr(layer_cls, "plan_fn", None)
-            plans[key] = None
-            if plan_fn is not None:
-                base = target.get_base_layer() if isinstance(target, self._layer_base) else target
-                shape: LayerShape = self._layer_shape_of(base, key)
-                r, alpha = resolve_rank_alpha(config, key)
-                plans[key] = plan_fn(shape, r, alpha, config, where=key)
-        return plans
-
-    # ------------------------------------------------------------------ adding adapters
-    @classmethod
-    def _create_new_module(cls, config: LycorisConfig, adapter_name: str, target: Any, **kwargs: Any) -> Any:
-        """A new adapter layer of the type ``layers_mapping`` gives for ``target``."""
-        layer_cls = cls._layer_class_for(target, kwargs.get("module_path", "target"))
-        return layer_cls(target, adapter_name, config, **kwargs)
-
-    def _layer_kwargs(self) -> dict[str, Any]:
-        """Extra constructor arguments for new adapter layers (e.g. the JAX twin's ``rngs``)."""
-        return {"forward_path": self.forward_path}
 
     def set_forward_path(self, forward_path: str) -> None:
         """Use ``forward_path`` (``lycoris_core.paths``) in every adapter layer from the next call on."""
@@ -314,36 +212,7 @@ class TunerBookkeeping:
         for _, layer in self._lycoris_layers():
             layer.forward_path = self.forward_path
 
-    def _create_and_replace(
-        self,
-        config: LycorisConfig,
-        adapter_name: str,
-        target: Any,
-        target_name: Any,
-        parent: Any,
-        current_key: str,
-        **kwargs: Any,
-    ) -> None:
-        """Add ``adapter_name`` to an existing adapter layer, or replace ``target`` on ``parent``
-        (attribute or item ``target_name``) by a new one. ``kwargs`` reach the layer."""
-        r, alpha = resolve_rank_alpha(config, current_key)
-        autocast = self.autocast_adapter_dtype
-        if isinstance(target, self._layer_base):
-            target.update_layer(adapter_name, r, alpha, config=config, autocast_adapter_dtype=autocast, **kwargs)
-        else:
-            new = self._create_new_module(
-                config,
-                adapter_name,
-                target,
-                r=r,
-                alpha=alpha,
-                autocast_adapter_dtype=autocast,
-                module_path=current_key,
-                **self._layer_kwargs(),
-                **kwargs,
-            )
-            self._replace_child(parent, target_name, new)
-
+    # ------------------------------------------------------------------ adding adapters
     def _check_new_adapter(self, adapter_name: str, config: LycorisConfig | None = None) -> None:
         """A valid, unused name; a config of our type (when given); no adapter merged into the model."""
         state.check_adapter_name(adapter_name)
@@ -364,32 +233,35 @@ class TunerBookkeeping:
         """Inject adapter ``adapter_name``; the first adapter becomes active, later ones do not."""
         self._add(adapter_name, config, None)
 
-    @classmethod
-    def _factor_names(cls) -> set[str]:
-        return {n for c in cls.layers_mapping.values() for n in c.adapter_layer_names}
-
     def _add(self, adapter_name: str, config: LycorisConfig, tensors: Mapping[str, Any] | None) -> None:
         """Validate (name, config, targets, plans, checkpoint ``tensors``), then inject and fill;
         all or nothing. Errors about a :class:`Checkpoint` name its file."""
         self._check_new_adapter(adapter_name, config)  # about the name and the model, not a file
         path = getattr(tensors, "path", None)
+        table = self._table()
         try:
-            plans = self._resolve_targets(config)
+            plans = self._resolve_targets(config, table)
         except NoMatchingModuleError as err:
             if path is None:
                 raise
             raise NoMatchingModuleError(f"{os.path.dirname(path)}: the adapter's config: {err}") from None
-        fill = None
+        values, extra = None, {}
         if tensors is not None:
             try:
                 shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-                by_module, other = state.check_checkpoint(plans, shapes, self._factor_names(), self._module_table())
-                fill = self._fill(adapter_name, config, by_module, other, tensors)
+                by_module, other = state.check_checkpoint(plans, shapes, factor_names(config.peft_type), table)
             except ValueError as err:  # the checkpoint does not fit this model
                 if path is None or isinstance(err, CheckpointError):
                     raise
                 raise CheckpointError(path, str(err)) from None
-        self._inject(adapter_name, copy.deepcopy(config), plans, fill)
+            values = {module: {f: tensors[key] for f, key in keys.items()} for module, keys in by_module.items()}
+            extra = {bare: tensors[key] for bare, key in other.items()}
+        try:
+            self._inject(adapter_name, copy.deepcopy(config), plans, values, extra)
+        except ValueError as err:  # checkpoint keys the model has no place for
+            if path is None or isinstance(err, CheckpointError) or not extra:
+                raise
+            raise CheckpointError(path, str(err)) from None
         self.set_adapter(adapter_name if len(self.peft_config) == 1 else self.active_adapter)
 
     # ------------------------------------------------------------------ adapter management
@@ -399,7 +271,6 @@ class TunerBookkeeping:
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter(s) {unknown} do not exist; available: {sorted(self.peft_config)}")
-        self._check_set_adapter(names)
         for _, layer in self._lycoris_layers():
             if layer.merged:
                 warnings.warn(
@@ -408,13 +279,6 @@ class TunerBookkeeping:
                 layer.unmerge()
             layer.set_adapter(names)
         self.active_adapter = names
-        self._after_set_adapter(names)
-
-    def _check_set_adapter(self, names: list[str]) -> None:
-        """Framework hook: raise before anything changes if ``names`` cannot be activated."""
-
-    def _after_set_adapter(self, names: list[str]) -> None:
-        """Framework hook (e.g. inference-mode freezing)."""
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; it must exist and not be merged."""
@@ -436,11 +300,6 @@ class TunerBookkeeping:
                 layer.delete_adapter(adapter_name)
                 layer.set_adapter(remaining)
         self.active_adapter = remaining
-        self._after_delete_adapter(adapter_name)
-        self._after_set_adapter(remaining)
-
-    def _after_delete_adapter(self, adapter_name: str) -> None:
-        """Framework hook (e.g. ``modules_to_save`` copies)."""
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -454,8 +313,6 @@ class TunerBookkeeping:
     def _enable_adapters(self, enabled: bool) -> None:
         for _, layer in self._lycoris_layers():
             layer.enable_adapters(enabled)
-        if enabled:
-            self._after_set_adapter(self.active_adapters)  # keep inference-mode adapters frozen
 
     # ------------------------------------------------------------------ merging and scaling
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -515,31 +372,36 @@ class TunerBookkeeping:
         """Checkpoint tensors of one adapter under PEFT's keys (``base_model.model.<path>.<factor>``)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        tensors = {
+        return {
             checkpoint_key(module, name): value
             for key, layer in self._lycoris_layers()
             if adapter_name in layer.plans
-            for module, factors in self._module_factors(key, layer, adapter_name).items()
+            for module, factors in self._layer_state(key, layer, adapter_name).items()
             for name, value in factors.items()
         }
-        tensors.update(self._extra_state(adapter_name))
-        return tensors
 
-    def _module_factors(self, key: str, layer: Any, adapter_name: str) -> dict[str, dict[str, Any]]:
-        """``{module name: {factor: tensor}}`` a layer saves (the JAX twin splits a layer stack)."""
-        return {key: self._factor_tensors(layer, adapter_name)}
+    def _adapted_plans(self, adapter_name: str) -> dict[str, AdapterPlan]:
+        """``{module name: plan}`` of one adapter, as PEFT names the modules (a stack's layers one by one)."""
+        out = {}
+        for key, layer in self._lycoris_layers():
+            if adapter_name in layer.plans:
+                out.update(dict.fromkeys(self._layer_state(key, layer, adapter_name), layer.plans[adapter_name]))
+        return out
 
-    def _extra_state(self, adapter_name: str) -> dict[str, Any]:
-        return {}
+    @staticmethod
+    def _serialize_state(tensors: Mapping[str, Any]) -> bytes:
+        """safetensors bytes of ``{key: numpy array}`` with PEFT's metadata."""
+        return dump_safetensors(tensors, SAFETENSORS_METADATA)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None
     ) -> None:
         """PEFT layout: ``default`` in ``save_directory``, others in ``save_directory/<name>/``.
 
-        Crash-safe: every selected adapter is checked and serialised first, then all files change
-        in one step (``lycoris_core._io.replace_files``); a failure or an interrupt at any point
-        leaves the previous checkpoint as it was. Saving nothing is an error.
+        The saved config names exactly the modules the adapter holds (``lycoris_core.resolve.saved_config``),
+        so PEFT loads every factor. Crash-safe: every selected adapter is checked and serialised first, then
+        all files change in one step (``lycoris_core._io.replace_files``); a failure or an interrupt at any
+        point leaves the previous checkpoint as it was. Saving nothing is an error.
         """
         names = list(self.peft_config) if selected_adapters is None else selected_adapters
         if isinstance(names, str):
@@ -555,24 +417,20 @@ class TunerBookkeeping:
                 f"selected_adapters {names}: {'unknown ' + str(unknown) if unknown else 'duplicates'}; "
                 f"available: {sorted(self.peft_config)}"
             )
+        table = self._table()
         adapters = {}
         for name in names:
-            tensors = self.adapter_state_dict(name)
+            tensors = {k: self._numpy(v) for k, v in self.adapter_state_dict(name).items()}
             if not tensors:
                 raise ValueError(f"adapter {name!r} holds no weights to save")
-            config = self.peft_config[name]
+            config = saved_config(self.peft_config[name], self._adapted_plans(name), table)
             if config.auto_mapping is None and getattr(self.model, "config", None) is None:
-                config = copy.deepcopy(config)
                 config.auto_mapping = {
                     "base_model_class": type(self.model).__name__,
                     "parent_library": type(self.model).__module__,
                 }
             adapters[name] = (config, self._serialize_state(tensors))
         save_adapters(save_directory, adapters)
-
-    @classmethod
-    def _read_checkpoint(cls, files: AdapterFiles, allow_nonfinite: bool) -> Checkpoint:
-        return read_checkpoint(files, cls._factor_names(), cls._read_state, cls._all_finite, allow_nonfinite)
 
     @classmethod
     def from_pretrained(
@@ -599,16 +457,11 @@ class TunerBookkeeping:
             raise CheckpointError(os.path.join(directory, CONFIG_NAME), str(err)) from None
         config = files.config
         config.inference_mode = not is_trainable
-        tensors = tuner_cls._read_checkpoint(files, allow_nonfinite)
+        tensors = read_tensors(files, allow_nonfinite=allow_nonfinite)
         tuner = tuner_cls(model, config, adapter_name, state_dict=tensors, **kwargs)
         if not is_trainable:
             tuner.eval()
         return tuner
-
-    @classmethod
-    def _model_module_names(cls, model: Any, **kwargs: Any) -> list[str]:
-        """Every module path of ``model`` as the tuner names them (framework hook)."""
-        raise NotImplementedError
 
     @classmethod
     def from_lycoris(
@@ -626,10 +479,14 @@ class TunerBookkeeping:
         underscore names resolve against ``model``'s module paths (``prefix``: the file's, e.g.
         ``"lycoris"`` or ``"lora_unet"``; found when not given), then it loads as its PEFT
         equivalent would (:meth:`from_pretrained`), computing what lycoris-lora computes."""
-        with kohya.as_peft_directory(path, cls._model_module_names(model, **kwargs), prefix=prefix) as directory:
+        table = cls._table_of(model, **{k: v for k, v in kwargs.items() if k in cls._table_keys})
+        with kohya.as_peft_directory(path, table_shapes(table), prefix=prefix) as directory:
             return cls.from_pretrained(
                 model, directory, adapter_name, is_trainable, allow_nonfinite=allow_nonfinite, **kwargs
             )
+
+    #: The constructor options that ``_table_of`` takes.
+    _table_keys: ClassVar[tuple[str, ...]] = ()
 
     def save_lycoris(
         self, path: str | os.PathLike, adapter_name: str = "default", *, prefix: str = kohya.LYCORIS_PREFIX
@@ -638,11 +495,7 @@ class TunerBookkeeping:
         that computes what this adapter computes (``lycoris_core.kohya.peft_to_lycoris``)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}")
-        layers = {
-            name: module.plans[adapter_name].layer
-            for name, module in self._module_table().items()
-            if isinstance(module, self._layer_base) and adapter_name in module.plans
-        }
+        layers = {name: plan.layer for name, plan in self._adapted_plans(adapter_name).items()}
         save = lambda directory: self.save_pretrained(directory, [adapter_name])  # noqa: E731
         kohya.save_through_peft(save, adapter_name, path, prefix=prefix, layers=layers)
 
@@ -678,6 +531,6 @@ class TunerBookkeeping:
                 f"{type(self).__name__} cannot load adapter {adapter_name!r} with peft_type {config.peft_type!r}",
             )
         config.inference_mode = not is_trainable
-        self._add(adapter_name, config, self._read_checkpoint(files, allow_nonfinite))
+        self._add(adapter_name, config, read_tensors(files, allow_nonfinite=allow_nonfinite))
         if not is_trainable:
             self.eval()

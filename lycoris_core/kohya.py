@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,6 +45,7 @@ from lycoris_core.plan import (
     plan_adapter,
     plan_from_factors,
 )
+from lycoris_core.resolve import exact_pattern, exact_targets
 from lycoris_core.targets import resolve_rank_alpha
 from lycoris_core.tensors import dump_safetensors, load_safetensors, save_safetensors
 
@@ -349,12 +349,13 @@ def lycoris_to_peft(
         entries.append((path, factors, r, _int_if_integral(alpha)))
     r0 = Counter(e[2] for e in entries).most_common(1)[0][0]
     a0 = Counter(e[3] for e in entries).most_common(1)[0][0]
+    # exactly the file's modules under PEFT's matching: "fc" must not also select "block.fc"
     fields: dict[str, Any] = {
-        "target_modules": sorted(e[0] for e in entries),
+        "target_modules": exact_targets([e[0] for e in entries], module_names),
         "r": r0,
         "alpha": a0,
-        "rank_pattern": {re.escape(p): r for p, _, r, _ in entries if r != r0},
-        "alpha_pattern": {re.escape(p): a for p, _, _, a in entries if a != a0},
+        "rank_pattern": {exact_pattern(p): r for p, _, r, _ in entries if r != r0},
+        "alpha_pattern": {exact_pattern(p): a for p, _, _, a in entries if a != a0},
         "use_effective_conv2d": any(k in f for _, f, _, _ in entries for k in ("hada_t1", "lokr_t2")),
     }
     if peft_type == "LOKR":

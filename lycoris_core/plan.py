@@ -8,7 +8,7 @@ layout of PEFT checkpoints, on both twins.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,13 +17,17 @@ __all__ = [
     "LOKR_FACTORS",
     "AdapterPlan",
     "LayerShape",
+    "all_factor_names",
+    "factor_names",
     "factorization",
     "fan_in",
     "full_3d_lokr_w2",
+    "method_kinds",
     "plan_adapter",
     "plan_from_factors",
     "plan_loha",
     "plan_lokr",
+    "register_plan",
 ]
 
 LayerKind = Literal["linear", "conv1d", "conv2d"]
@@ -223,13 +227,52 @@ def plan_lokr(layer: LayerShape, r: int, alpha: float, config: Any, *, where: st
     )
 
 
-_PLANNERS = {"LOHA": plan_loha, "LOKR": plan_lokr}
+Planner = Callable[..., AdapterPlan]
+#: Every layer kind a plan knows.
+LAYER_KINDS = frozenset({"linear", "conv1d", "conv2d"})
+_PLANNERS: dict[str, tuple[tuple[str, ...], Planner]] = {
+    "LOHA": (LOHA_FACTORS, plan_loha),
+    "LOKR": (LOKR_FACTORS, plan_lokr),
+}
+_KINDS: dict[str, frozenset[str]] = {"LOHA": LAYER_KINDS, "LOKR": LAYER_KINDS}
+
+
+def register_plan(
+    peft_type: str, factors: tuple[str, ...], planner: Planner, kinds: frozenset[str] = LAYER_KINDS
+) -> None:
+    """Make a LyCORIS method known to the framework-free code: its factor names (PEFT's
+    ``adapter_layer_names``, in initialisation order), ``planner(layer, r, alpha, config, *, where)``
+    and the layer ``kinds`` it adapts. The twins' method records call this
+    (``lycoris_jax.methods.register``, ``lycoris_torch.methods.register``) with the same values."""
+    known = _PLANNERS.get(peft_type)
+    if known is not None and (known[0] != tuple(factors) or _KINDS[peft_type] != frozenset(kinds)):
+        raise ValueError(f"register_plan: {peft_type!r} is already registered with other factors or kinds")
+    _PLANNERS[peft_type] = (tuple(factors), planner)
+    _KINDS[peft_type] = frozenset(kinds)
+
+
+def method_kinds(peft_type: str) -> frozenset[str]:
+    """The layer kinds a registered method adapts (every kind for an unknown one: its planner decides)."""
+    return _KINDS.get(peft_type, LAYER_KINDS)
+
+
+def factor_names(peft_type: str) -> tuple[str, ...]:
+    """The factor names of a registered method (``("hada_w1_a", ...)`` for ``"LOHA"``)."""
+    try:
+        return _PLANNERS[peft_type][0]
+    except KeyError:
+        raise ValueError(f"unknown peft_type {peft_type!r}; registered: {sorted(_PLANNERS)}") from None
+
+
+def all_factor_names() -> set[str]:
+    """Every registered method's factor names (what a checkpoint key may end in)."""
+    return {name for names, _ in _PLANNERS.values() for name in names}
 
 
 def plan_adapter(layer: LayerShape, r: int, alpha: float, config: Any, *, where: str = "") -> AdapterPlan:
-    """Dispatch on ``config.peft_type`` (``"LOHA"`` or ``"LOKR"``)."""
+    """Dispatch on ``config.peft_type`` to the method's registered planner (:func:`register_plan`)."""
     try:
-        planner = _PLANNERS[config.peft_type]
+        _, planner = _PLANNERS[config.peft_type]
     except KeyError:
         raise ValueError(f"plan_adapter: unknown peft_type {config.peft_type!r}") from None
     return planner(layer, r, alpha, config, where=where)

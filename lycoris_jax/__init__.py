@@ -10,7 +10,7 @@
 
 from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
 from lycoris_core.paths import FORWARD_PATHS
-from lycoris_jax import functional, linen, loha, lokr, paths, pytree
+from lycoris_jax import adapted, functional, linen, loha, lokr, methods, pytree
 from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam, LycorisScale
 from lycoris_jax.tuner import LoHaModel, LoKrModel, LycorisTuner, default_rngs
 
@@ -29,12 +29,13 @@ __all__ = [
     "LycorisScale",
     "LycorisTuner",
     "NoMatchingModuleError",
+    "adapted",
     "default_rngs",
     "factorization",
     "functional",
     "linen",
     "loha",
     "lokr",
-    "paths",
+    "methods",
     "pytree",
 ]

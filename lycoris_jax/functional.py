@@ -283,11 +283,11 @@ class _KernelView:
 
 
 def call_with_kernel(
-    base_layer: Any, x: jax.Array, kernel: jax.Array, bias: Any = None, dtype: Any = None, **kwargs: Any
+    base_layer: Any, x: jax.Array, kernel: jax.Array, bias: Any = None, dtype: Any = None, *args: Any, **kwargs: Any
 ) -> jax.Array:
     """The base layer's own ``__call__`` with ``kernel`` (its layout) and ``bias`` in place of its
     own, computing in ``dtype`` (``None``: the operands' promoted dtype)."""
-    return type(base_layer).__call__(_KernelView(base_layer, kernel, bias, dtype), x, **kwargs)
+    return type(base_layer).__call__(_KernelView(base_layer, kernel, bias, dtype), x, *args, **kwargs)
 
 
 def forward_with_weight(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import math
 import os
 import re
 import warnings
@@ -34,12 +33,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
-from lycoris_core import LycorisConfig, kohya
-from lycoris_core.paths import check_forward_path, choose_path
-from lycoris_jax import functional, paths, pytree
+from lycoris_core import LycorisConfig, check_adapter_name, kohya
+from lycoris_core.paths import check_forward_path
+from lycoris_core.resolve import Layer
+from lycoris_jax import functional, pytree
+from lycoris_jax.adapted import Active, Site, adapted_call
 from lycoris_jax.layer import check_branch_dtype
 
 __all__ = [
@@ -108,11 +108,13 @@ class LycorisModule(nn.Module):
     @nn.nowrap  # not a Linen method: it must not itself be intercepted
     def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         layer = context.module
-        if context.method_name != "__call__" or not isinstance(layer, SUPPORTED) or _inside_delta.get():
+        if context.method_name != "__call__" or _inside_delta.get():
             return next_fun(*args, **kwargs)
         name, target = {t.path: (n, t) for n, t in self.targets}.get(self._path_of(layer), (None, None))
         if target is None:
             return next_fun(*args, **kwargs)
+        if not isinstance(layer, SUPPORTED) and not target.declared:
+            raise TypeError(_unsupported(name, layer))
         factors = {f: layer.get_variable(self.collection, f) for f in target.plan.factor_shapes}
         missing = sorted(f for f, v in factors.items() if v is None)
         if missing:
@@ -130,118 +132,75 @@ class LycorisModule(nn.Module):
             target = _one_layer(name, target, factors)
         x, rest = (args[0], args[1:]) if args else (kwargs.pop("inputs"), ())
         plan = target.plan
-        dense = isinstance(layer, nn.Dense)
-        # a Linen plan sees one group's kernel: the layer itself says whether it is grouped
-        supported = dense or (isinstance(layer, nn.Conv) and layer.mask is None and layer.feature_group_count == 1)
-        kernel = layer.get_variable("params", "kernel")  # every SUPPORTED layer has one
-        path = choose_path(
-            self.forward_path,
-            plan,
-            math.prod(x.shape[:-1]),
+        kernel = layer.get_variable("params", "kernel")  # every adapted layer has one
+        dense = isinstance(layer, nn.Dense) or (not isinstance(layer, SUPPORTED) and kernel.ndim == 2)
+        site = Site(
+            target.layout if target.layout is not None else functional.KernelLayout(tuple(kernel.shape)),
+            target.spec,
+            linear=dense,
+            # a Linen plan sees one group's kernel: the layer itself says whether it is grouped
+            conv=isinstance(layer, nn.Conv) and layer.mask is None and layer.feature_group_count == 1,
+        )
+        dropout = not self.deterministic and bool(plan.rank_dropout or plan.module_dropout)
+
+        def call(x: Any, k: Any, b: Any, dtype: Any) -> Any:
+            return _own_call(layer, x, k, b, dtype, rest, kwargs)
+
+        return adapted_call(
+            call,
+            x,
+            kernel,
+            layer.get_variable("params", "bias"),
+            [Active(plan, factors, self.scale * plan.scaling)],
+            site=site,
+            route=self.forward_path,
             training=not self.deterministic,
-            supported=supported,
-            itemsize=jnp.dtype(kernel.dtype).itemsize,
-            split=functional.split_of(x, kernel),
-        )
-        if path == "peft":
-            result = next_fun(*args, **kwargs) if args else next_fun(x, *rest, **kwargs)
-            return self._peft_branch(layer, name, target, factors, result, x, rest, kwargs)
-        fdtype = jnp.result_type(*factors.values())
-        rows, keep = pytree.dropout_draws(plan, None if self.deterministic else layer.make_rng("dropout"), fdtype)
-        scale = self.scale * plan.scaling
-        base_dtype = getattr(layer, "dtype", None)
-        compute = base_dtype if self.branch_dtype == "base" and base_dtype is not None else fdtype
-        if path == "factored":
-            result = next_fun(x, *rest, **kwargs)
-            cast = {k: v.astype(compute) for k, v in factors.items()}
-            if dense:
-                y = paths.factored_delta(plan.peft_type, x.astype(compute), cast, scale, plan.weight_shape[0])
-            else:
-
-                def conv(x: Any, weight: Any) -> Any:  # the layer's own conv, PyTorch-layout kernel
-                    view = layer.clone(parent=None, use_bias=False, features=weight.shape[0], dtype=None)
-                    token = _inside_delta.set(True)
-                    try:
-                        kernel = functional.to_flax_kernel(weight)
-                        return view.apply({"params": {"kernel": kernel}}, x, *rest, **kwargs)
-                    finally:
-                        _inside_delta.reset(token)
-
-                y = paths.factored_conv(plan.peft_type, conv, x.astype(compute), cast, scale, plan.weight_shape)
-            y = y if rows is None else (y * rows).astype(y.dtype)
-            return (
-                (result + y).astype(result.dtype)
-                if keep is True
-                else jnp.where(keep, result + y, result).astype(result.dtype)
-            )
-        bias = layer.get_variable("params", "bias")
-        to_kernel = target.layout.to_kernel if target.layout is not None else functional.to_flax_kernel
-        dtype = (
-            compute if self.branch_dtype == "base" and base_dtype is not None else jnp.result_type(kernel.dtype, fdtype)
+            key=layer.make_rng("dropout") if dropout else None,
+            branch_dtype=self.branch_dtype,
+            base_dtype=getattr(layer, "dtype", None),
         )
 
-        def delta(f: Mapping[str, Any], s: Any, r: Any) -> Any:
-            weight = pytree._DELTA[plan.peft_type](f, s, plan.weight_shape)
-            if r is not None:
-                weight = (weight * r.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
-            return functional.constrain(to_kernel(weight), target.spec)
 
-        def call(x: Any, k: Any, b: Any) -> Any:
-            params = {"kernel": k} if b is None else {"kernel": k, "bias": b}
-            view = layer.clone(
-                parent=None, dtype=base_dtype if self.branch_dtype == "base" else None, param_dtype=k.dtype
-            )
-            token = _inside_delta.set(True)
-            try:
-                return view.apply({"params": params}, x, *rest, **kwargs)
-            finally:
-                _inside_delta.reset(token)
+def _own_call(layer: nn.Module, x: Any, kernel: Any, bias: Any, dtype: Any, rest: tuple, kwargs: dict) -> Any:
+    """``layer``'s own computation with ``kernel`` and ``bias`` (``None``: none) as its params, computing
+    in ``dtype`` (``None``: promoted): a detached clone applied to them (a kernel of other output
+    channels for a factored conv). Calls inside are not adapted again."""
+    fields = {f.name for f in dataclasses.fields(layer)}
+    changes: dict[str, Any] = {"parent": None}
+    if "dtype" in fields:
+        changes["dtype"] = dtype
+    params = {"kernel": kernel}
+    if bias is not None:
+        params["bias"] = bias
+    elif "use_bias" in fields:
+        changes["use_bias"] = False
+    own = layer.get_variable("params", "kernel")
+    if isinstance(getattr(layer, "features", None), int) and kernel.shape[-1] != own.shape[-1]:
+        changes["features"] = kernel.shape[-1]
+    token = _inside_delta.set(True)
+    try:
+        return layer.clone(**changes).apply({"params": params}, x, *rest, **kwargs)
+    finally:
+        _inside_delta.reset(token)
 
-        fold = paths.Fold(factors, jnp.asarray(scale, jnp.result_type(float)), rows, keep)
-        linear = (plan.peft_type, *plan.weight_shape) if dense else None
-        return paths.folded_call(call, x, kernel, bias, [fold], delta, dtype=dtype, linear=linear)
 
-    @nn.nowrap
-    def _peft_branch(
-        self,
-        layer: nn.Module,
-        name: str,
-        target: pytree.Target,
-        factors: dict,
-        result: Any,
-        x: Any,
-        rest: tuple,
-        kwargs: dict,
-    ) -> Any:
-        """PEFT's arithmetic: the layer's own call with ΔW as kernel, added to ``result``."""
-        adapter = pytree.Adapter({name: factors}, ((name, target),), self.config_json, self.adapter_name)
-        dropout = None if self.deterministic else layer.make_rng("dropout")
-        delta = pytree.delta_weight(adapter, name, scale=self.scale, key=dropout)  # the layer's kernel layout
-        if self.branch_dtype == "base" and getattr(layer, "dtype", None) is not None:
-            delta = delta.astype(layer.dtype)
-        token = _inside_delta.set(True)
-        try:
-            view = layer.clone(parent=None, use_bias=False, dtype=None, param_dtype=delta.dtype)
-            branch = view.apply({"params": {"kernel": delta}}, x.astype(delta.dtype), *rest, **kwargs)
-        finally:
-            _inside_delta.reset(token)
-        return (result + branch).astype(result.dtype)
+def _unsupported(name: str, layer: nn.Module) -> str:
+    return (
+        f"{name}: target module of type {type(layer).__name__} is not a layer the Linen transform knows "
+        f"(only {', '.join('nn.' + t.__name__ for t in SUPPORTED)}); if it computes x @ W with its 'kernel' W, "
+        f"give W's layout with kinds={{{name!r}: (in_axes, out_axes)}} (a kernel in torch's (out, in) layout: "
+        "((1,), (0,))) and it is adapted through its own call"
+    )
 
 
 def _one_layer(name: str, target: pytree.Target, factors: Mapping[str, Any]) -> pytree.Target:
-    """A stack's target as one ``nn.scan`` step sees it: its own slice of the factors, one scale."""
+    """A stack's target as one ``nn.scan`` step sees it: its own slice of the factors, one scale (every
+    layer's ``alpha / r`` is the same: ``adapt`` checked)."""
     stacked = [f for f, v in factors.items() if v.ndim != len(target.plan.factor_shapes[f])]
     if stacked:
         raise ValueError(
             f"{name}: the factors {stacked} still carry the layer axis inside the scan; give nn.scan "
             "variable_axes={..., 'lycoris': 0} (the collection's name) so each step sees its layer's factors"
-        )
-    scalings = {entry[1].scaling if entry else 0.0 for entry in target.layers}
-    if len(scalings) != 1:
-        raise ValueError(
-            f"{name}: inside nn.scan every layer of a stack needs the same alpha / r and must be targeted "
-            f"(layers_to_transform, alpha_pattern give {sorted(scalings)}); the pytree API and the NNX tuner "
-            "take per-layer scales"
         )
     spec = target.spec[1:] if target.spec else None
     return dataclasses.replace(target, layers=(), spec=spec)
@@ -252,16 +211,25 @@ def discover(module: nn.Module, params: Any, *args: Any, **kwargs: Any) -> dict[
     (traced with ``jax.eval_shape``, nothing computed): a ``DenseGeneral``/``Einsum`` kernel's input
     and output axes, a Conv's rank; for a layer that cannot be adapted (``batch_dims``, an Einsum that
     is not a linear map), the ``TypeError`` saying why."""
-    found: dict[str, pytree.KindSpec | TypeError] = {}
+    return {name: spec for name, (layer_type, spec) in _trace(module, params, args, kwargs).items() if layer_type}
+
+
+def _trace(module: nn.Module, params: Any, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{name: (supported type or None, kinds entry or TypeError)}`` for every module with a ``kernel``
+    param that one traced call runs (a layer type the transform does not know: ``(None, TypeError)``)."""
+    found: dict[str, tuple[Any, Any]] = {}
 
     def record(next_fun: Any, a: tuple, kw: dict, context: Any) -> Any:
         layer = context.module
-        if context.method_name == "__call__" and isinstance(layer, SUPPORTED):
+        if context.method_name == "__call__" and layer.scope is not None and layer.has_variable("params", "kernel"):
             name = ".".join(layer.path)
-            try:
-                found[name] = _spec_of(layer, a, kw, name)
-            except TypeError as err:
-                found[name] = err
+            if not isinstance(layer, SUPPORTED):
+                found.setdefault(name, (None, TypeError(_unsupported(name, layer))))
+            else:
+                try:
+                    found[name] = (type(layer), _spec_of(layer, a, kw, name))
+                except TypeError as err:
+                    found[name] = (type(layer), err)
         return next_fun(*a, **kw)
 
     with nn.intercept_methods(record):
@@ -284,6 +252,69 @@ def _spec_of(layer: nn.Module, args: tuple, kwargs: dict, name: str) -> pytree.K
     return functional.einsum_axes(einsum_str, name)
 
 
+def _plan(
+    module: nn.Module,
+    params: Any,
+    config: LycorisConfig,
+    *,
+    kinds: Mapping[str, pytree.KindSpec] | None,
+    output_modules: Sequence[str],
+    example_args: tuple,
+    example_kwargs: Mapping[str, Any] | None,
+    rename: pytree.Rename,
+    stacks: Sequence[str],
+) -> dict[str, pytree.Target]:
+    """The targets of ``config`` for the Linen transform: the pytree API's table of kernels, refined by
+    what one traced call shows (``example_args``): each layer's kind, a layer type the transform does
+    not know (an error if targeted, unless ``kinds`` describes it), and kernels the call never reads
+    (tied embeddings left by a checkpoint conversion), which are left out with a warning. ``nn.scan``
+    applies one adapter to every step: a stack needs one ``alpha / r``."""
+    user_kinds = dict(kinds or {})
+    traced: dict[str, tuple[Any, Any]] = {}
+    if example_args or example_kwargs:
+        to_name = pytree._renamer(rename)
+        traced = {to_name(p): entry for p, entry in _trace(module, params, example_args, example_kwargs or {}).items()}
+    found = {re.escape(n): spec for n, (t, spec) in traced.items() if t is not None and not isinstance(spec, TypeError)}
+    all_kinds = found | user_kinds
+
+    def refine(table: dict[str, Layer]) -> dict[str, Layer]:
+        if not traced:
+            return table
+        unread = []
+        for name, row in table.items():
+            layer_type, spec = traced.get(_stacked_name(name, stacks, traced), (None, None))
+            declared = pytree._spec(name, user_kinds) is not None
+            if spec is None:
+                unread.append(name)
+                error = ValueError(f"{name}: the traced call never reads this kernel (a tied or unused weight)")
+                table[name] = dataclasses.replace(row, shape=None, error=error, linear=False, skip="")
+            elif isinstance(spec, TypeError) and not declared:
+                skip = str(spec) if row.linear or row.skip or layer_type is None else ""
+                table[name] = dataclasses.replace(row, shape=None, error=spec, skip=skip)
+        if unread and isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+            warnings.warn(
+                f"target_modules='all-linear' leaves out kernels the traced call never reads: {sorted(unread)}",
+                UserWarning,
+                stacklevel=5,
+            )
+        return table
+
+    return pytree._targets(
+        params, config, all_kinds, output_modules, rename, stacks, table=refine, one_scale_per_stack=True
+    )
+
+
+def _stacked_name(name: str, stacks: Sequence[str], traced: Mapping[str, Any]) -> str:
+    """The traced name of a module: an ``nn.scan`` stack's layer ``layers.3.mlp`` runs as ``layers.mlp``."""
+    if name in traced:
+        return name
+    for stack in stacks:
+        head, _, tail = name.removeprefix(f"{stack}.").partition(".")
+        if name.startswith(f"{stack}.") and head.isdigit():
+            return ".".join(filter(None, (stack, tail)))
+    return name
+
+
 def adapt(
     module: nn.Module,
     params: Any,
@@ -297,46 +328,30 @@ def adapt(
     example_kwargs: Mapping[str, Any] | None = None,
     rename: pytree.Rename = None,
     stacks: Sequence[str] = (),
+    autocast_adapter_dtype: bool = True,
     **options: Any,
 ) -> tuple[LycorisModule, dict]:
     """``(wrapped module, factors collection)`` for the targeted kernels of ``params`` (initialised
-    as in PEFT, see :func:`lycoris_jax.pytree.init`). With ``example_args`` the layers' kinds are
-    found by tracing one call (:func:`discover`, needed for ``DenseGeneral``/``Einsum``); ``kinds``
-    given explicitly win. ``options`` are :class:`LycorisModule` fields (``scale``, ``deterministic``,
-    ``collection``)."""
-    kinds = _kinds(module, params, config, kinds, example_args, example_kwargs, rename)
-    adapter = pytree.init(
+    as in PEFT, see :func:`lycoris_jax.pytree.init`). With ``example_args`` one traced call finds the
+    layers' kinds (:func:`discover`, needed for ``DenseGeneral``/``Einsum``), the layers the transform
+    cannot adapt and the kernels the call never reads; ``kinds`` given explicitly win (and make a layer
+    type the transform does not know, such as transformers' ``FlaxConv1D``, adaptable through its own
+    call). ``options`` are :class:`LycorisModule` fields (``scale``, ``deterministic``, ``collection``,
+    ``branch_dtype``, ``forward_path``)."""
+    check_adapter_name(adapter_name)
+    targets = _plan(
+        module,
         params,
         config,
-        key=key,
-        adapter_name=adapter_name,
         kinds=kinds,
         output_modules=output_modules,
+        example_args=example_args,
+        example_kwargs=example_kwargs,
         rename=rename,
         stacks=stacks,
     )
+    adapter = pytree._initialise(params, targets, config, key, adapter_name, autocast_adapter_dtype, rename, stacks)
     return wrap(module, adapter, **options), collection_of(adapter)
-
-
-def _kinds(
-    module: nn.Module,
-    params: Any,
-    config: LycorisConfig,
-    kinds: Mapping[str, pytree.KindSpec] | None,
-    example_args: tuple,
-    example_kwargs: Mapping[str, Any] | None,
-    rename: pytree.Rename = None,
-) -> dict[str, pytree.KindSpec]:
-    if not example_args and not example_kwargs:
-        return dict(kinds or {})
-    to_name = pytree._renamer(rename)
-    found = {to_name(p): spec for p, spec in discover(module, params, *example_args, **(example_kwargs or {})).items()}
-    skipped = [str(spec) for spec in found.values() if isinstance(spec, TypeError)]
-    targets = config.target_modules
-    if skipped and isinstance(targets, str) and targets.lower() == "all-linear":
-        warnings.warn(f"target_modules='all-linear' leaves out: {'; '.join(skipped)}", UserWarning, stacklevel=3)
-    usable = {re.escape(name): spec for name, spec in found.items() if not isinstance(spec, TypeError)}
-    return usable | dict(kinds or {})
 
 
 def wrap(module: nn.Module, adapter: pytree.Adapter, **options: Any) -> LycorisModule:
@@ -390,21 +405,36 @@ def from_pretrained(
     *,
     example_args: tuple = (),
     example_kwargs: Mapping[str, Any] | None = None,
-    **kwargs: Any,
+    adapter_name: str = "default",
+    kinds: Mapping[str, pytree.KindSpec] | None = None,
+    output_modules: Sequence[str] = ("lm_head",),
+    autocast_adapter_dtype: bool = True,
+    allow_nonfinite: bool = False,
+    rename: pytree.Rename = None,
+    stacks: Sequence[str] = (),
+    **options: Any,
 ) -> tuple[LycorisModule, dict]:
     """``(wrapped module, factors collection)`` from a PEFT adapter directory, checked against
-    ``params``; ``example_args`` as in :func:`adapt`; other ``kwargs`` are :class:`LycorisModule`
-    fields or go to :func:`lycoris_jax.pytree.from_pretrained`."""
-    options = {
-        k: kwargs.pop(k)
-        for k in ("scale", "deterministic", "collection", "enabled", "branch_dtype", "forward_path")
-        if k in kwargs
-    }
-    config = pytree.read_config(directory)
-    kwargs["kinds"] = _kinds(
-        module, params, config, kwargs.get("kinds"), example_args, example_kwargs, kwargs.get("rename")
+    ``params`` (as :func:`lycoris_jax.pytree.from_pretrained`); ``example_args`` and ``kinds`` as in
+    :func:`adapt`; ``options`` are :class:`LycorisModule` fields."""
+    check_adapter_name(adapter_name)
+
+    def plan(config: LycorisConfig) -> dict[str, pytree.Target]:
+        return _plan(
+            module,
+            params,
+            config,
+            kinds=kinds,
+            output_modules=output_modules,
+            example_args=example_args,
+            example_kwargs=example_kwargs,
+            rename=rename,
+            stacks=stacks,
+        )
+
+    adapter = pytree._load(
+        directory, params, plan, adapter_name, autocast_adapter_dtype, allow_nonfinite, rename, stacks
     )
-    adapter = pytree.from_pretrained(directory, params, **kwargs)
     return wrap(module, adapter, **options), collection_of(adapter)
 
 

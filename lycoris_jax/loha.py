@@ -18,7 +18,15 @@ import jax.numpy as jnp
 
 from lycoris_jax.functional import einsum, like, reshape, scaled
 
-__all__ = ["conv_forward", "delta_weight", "linear_forward", "linear_grads", "make_weight", "make_weight_cp"]
+__all__ = [
+    "conv_forward",
+    "delta_grads",
+    "delta_weight",
+    "linear_forward",
+    "linear_grads",
+    "make_weight",
+    "make_weight_cp",
+]
 
 
 def make_weight(w1_a: jax.Array, w1_b: jax.Array, w2_a: jax.Array, w2_b: jax.Array, scale: Any) -> jax.Array:
@@ -47,6 +55,23 @@ def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Seq
     else:
         weight = make_weight(f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"], scale)
     return reshape(weight, tuple(weight_shape))
+
+
+def delta_grads(
+    g: jax.Array, factors: Mapping[str, jax.Array], scale: Any, weight_shape: Sequence[int]
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """``(dfactors, dscale)`` of ``<g, delta_weight(factors, scale, weight_shape)>`` for a cotangent ``g``
+    of ΔW (PyTorch layout), without forming ΔW: ``ΔW = R Qᵀ · scale`` (:func:`_pair_products`), so
+    ``dR = g Q · scale``, ``dQ = gᵀ R · scale``, ``dscale = <g Q, R>``. The CP form goes through ΔW."""
+    if "hada_t1" in factors:
+        _, vjp = jax.vjp(lambda f, s: delta_weight(f, s, weight_shape), dict(factors), scale)
+        return vjp(g)
+    (r, q), to_factors = jax.vjp(_pair_products, dict(factors))
+    g2 = reshape(g, (r.shape[0], q.shape[0]))
+    y = einsum("oi,ik->ok", g2, q)
+    s = jnp.asarray(scale, y.dtype)
+    (dfactors,) = to_factors((like(y * s, r), like(einsum("oi,ok->ik", g2, r) * s, q)))
+    return dfactors, einsum("ok,ok->", y, r).astype(jnp.result_type(scale))
 
 
 def _pair_products(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from lycoris_jax.functional import einsum, like, reshape, scaled
 
 __all__ = [
     "conv_forward",
+    "delta_grads",
     "delta_weight",
     "factorization",
     "linear_forward",
@@ -55,6 +57,26 @@ def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Seq
     """ΔW in the base weight's PyTorch layout ``weight_shape``, from factors keyed by PEFT's names."""
     w1, w2 = _kron_factors(factors)
     return reshape(make_kron(w1, w2, scale), tuple(weight_shape))
+
+
+def delta_grads(
+    g: jax.Array, factors: Mapping[str, jax.Array], scale: Any, weight_shape: Sequence[int]
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """``(dfactors, dscale)`` of ``<g, delta_weight(factors, scale, weight_shape)>`` for a cotangent ``g``
+    of ΔW (PyTorch layout), without forming ΔW: with ``G = g`` as ``(a, b, c, D)`` (``D``: ``W2``'s
+    trailing size), ``T = G·W2 (a, c)``, ``dW1 = T·scale``, ``dW2 = Gᵀ·W1·scale``, ``dscale = <T, W1>``."""
+    (w1, w2), to_factors = jax.vjp(_kron_factors, dict(factors))
+    if w2.ndim == 3:  # PEFT's Conv1d torch.kron layout (docs/DEVIATIONS.md d): through ΔW itself
+        _, vjp = jax.vjp(lambda f, s: delta_weight(f, s, weight_shape), dict(factors), scale)
+        return vjp(g)
+    (a, c), b = w1.shape, w2.shape[0]
+    depth = math.prod(w2.shape[1:])
+    blocks = reshape(g, (a, b, c, depth))
+    t = einsum("abcD,bD->ac", blocks, reshape(w2, (b, depth)))
+    u = einsum("abcD,ac->bD", blocks, w1)
+    s = jnp.asarray(scale, t.dtype)
+    (dfactors,) = to_factors((like(t * s, w1), like(reshape(u * s, w2.shape), w2)))
+    return dfactors, einsum("ac,ac->", t, w1).astype(jnp.result_type(scale))
 
 
 def _kron_factors(factors: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

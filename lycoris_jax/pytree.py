@@ -32,13 +32,12 @@ import functools
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from safetensors.flax import load_file, save
+import numpy as np
 
 from lycoris_core import (
     SAFETENSORS_METADATA,
@@ -49,16 +48,17 @@ from lycoris_core import (
     checkpoint_key,
     config_from_dict,
     kohya,
-    match_targets,
-    plan_adapter,
-    resolve_rank_alpha,
 )
 from lycoris_core.errors import CheckpointError
-from lycoris_core.files import read_adapter_files, read_checkpoint, save_adapters
-from lycoris_core.plan import LOHA_FACTORS, LOKR_FACTORS
+from lycoris_core.files import read_adapter_files, save_adapters
+from lycoris_core.plan import factor_names
+from lycoris_core.resolve import Layer, resolve, saved_config
 from lycoris_core.state import check_checkpoint, check_scale
 from lycoris_core.targets import NoMatchingModuleError
-from lycoris_jax import functional, loha, lokr
+from lycoris_core.tensors import dump_safetensors, read_tensors
+from lycoris_jax import functional
+from lycoris_jax.adapted import Active, Site, delta_kernel, dropout_draws, merge_kernel
+from lycoris_jax.methods import method_for
 
 __all__ = [
     "Adapter",
@@ -75,7 +75,6 @@ __all__ = [
 
 Kind = Literal["linear", "conv1d", "conv2d"]
 _KINDS = ("linear", "conv1d", "conv2d")
-_DELTA = {"LOHA": loha.delta_weight, "LOKR": lokr.delta_weight}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +94,9 @@ class Target:
     #: The kernel's partition spec (mesh axis names per kernel dim) when it was placed with a
     #: ``NamedSharding``: factors were placed to match, and ΔW is formed in these shards.
     spec: tuple[Any, ...] | None = None
+    #: ``kinds`` described this module (the Linen transform then adapts a layer class it does not
+    #: know, such as transformers' ``FlaxConv1D``, through its own call).
+    declared: bool = False
 
     def module_plans(self, name: str) -> dict[str, AdapterPlan]:
         """``{module name: plan}`` as PEFT sees them: one per targeted layer of a stack."""
@@ -102,17 +104,21 @@ class Target:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["factors"], meta_fields=["targets", "config_json", "adapter_name"]
+    jax.tree_util.register_dataclass,
+    data_fields=["factors"],
+    meta_fields=["targets", "config_json", "adapter_name", "module_names"],
 )
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """Factors ``{module: {factor: array}}`` (the only leaves) and static ``targets``
-    (``((module, Target), ...)``), config (as JSON) and adapter name."""
+    (``((module, Target), ...)``), config (as JSON), adapter name, and the module names of the params
+    it was made for (what a saved config must select among)."""
 
     factors: dict[str, dict[str, jax.Array]]
     targets: tuple[tuple[str, Target], ...]
     config_json: str
     adapter_name: str = "default"
+    module_names: tuple[str, ...] = ()
 
     @property
     def config(self) -> LycorisConfig:
@@ -271,6 +277,57 @@ def _layer_shape(kind: Kind, leaf: str, shape: tuple[int, ...], layout: Any) -> 
     return LayerShape(kind, out, inp, tuple(kernel))
 
 
+def _table(
+    kernels: Mapping[str, _Kernel],
+    kinds: Mapping[str, KindSpec],
+    output_modules: Sequence[str],
+) -> tuple[dict[str, Layer], dict[str, tuple[Kind, Any]]]:
+    """The resolver's table for the kernels of a params tree (a stack's layers one by one), and each
+    adaptable module's ``(kind, layout)``. A layer's kind comes from ``kinds`` or its kernel's rank;
+    what cannot be told (a 3-D Flax kernel) or is no float kernel is an error if targeted, and
+    ``"all-linear"`` says what it leaves out: such kernels, and 2-D PyTorch-layout ``weight`` leaves,
+    which may as well be embeddings (``kinds={name: "linear"}`` declares the linear ones)."""
+    table: dict[str, Layer] = {}
+    layouts: dict[str, tuple[Kind, Any]] = {}
+    for module, k in kernels.items():
+        for name in k.layers or (module,):
+            spec = _spec(name, kinds)
+            output = any(name == m or name.endswith(f".{m}") for m in output_modules)
+            stack = module if k.layers else None
+            if not jnp.issubdtype(k.array.dtype, jnp.floating):
+                error = TypeError(f"{module}.{k.leaf}: expected a floating-point kernel, got {k.array.dtype}")
+                table[name] = Layer(error=error, output=output, stack=stack)
+                continue
+            try:
+                kind, layout = _layout(name, k.leaf, k.layer_shape, kinds)
+            except ValueError as err:
+                unknown = k.leaf == "kernel" and len(k.layer_shape) == 3 and spec is None
+                skip = (
+                    "3-D kernels that may be DenseGeneral/Einsum layers: {}; describe them with "
+                    "kinds={{name: (in_axes, out_axes)}} (or name their stack in stacks=) to include them"
+                    if unknown
+                    else ""
+                )
+                table[name] = Layer(error=err, skip=skip, output=output, stack=stack)
+                continue
+            layouts[name] = (kind, layout)
+            declared = isinstance(spec, tuple) or spec == "linear"
+            ambiguous = k.leaf == "weight" and kind == "linear" and not declared
+            table[name] = Layer(
+                _layer_shape(kind, k.leaf, k.layer_shape, layout),
+                linear=kind == "linear" and not ambiguous,
+                skip=(
+                    "2-D PyTorch-layout weight leaves, which may be Linear or Embedding layers: {}; declare the "
+                    "linear ones with kinds={{name: 'linear'}} to include them"
+                    if ambiguous
+                    else ""
+                ),
+                output=output,
+                stack=stack,
+            )
+    return table, layouts
+
+
 def _targets(
     params: Any,
     config: LycorisConfig,
@@ -278,60 +335,40 @@ def _targets(
     output_modules: Sequence[str],
     rename: Rename = None,
     stacks: Sequence[str] = (),
+    *,
+    table: Callable[[dict[str, Layer]], dict[str, Layer]] | None = None,
+    one_scale_per_stack: bool = False,
 ) -> dict[str, Target]:
-    """Match the config's targets against the modules of ``params`` (a stack's layers one by one,
-    as PEFT sees the unstacked model) and plan each (no arrays made)."""
-    if not isinstance(config, LycorisConfig) or config.peft_type not in _DELTA:
+    """Match the config's targets against the modules of ``params`` (``lycoris_core.resolve``; a stack's
+    layers one by one, as PEFT sees the unstacked model) and plan each (no arrays made). ``table``:
+    a hook that refines the table (the Linen transform adds what a traced call shows)."""
+    if not isinstance(config, LycorisConfig):
         raise TypeError(f"config: expected a LoHaConfig or LoKrConfig, got {type(config).__name__}")
-    if config.modules_to_save:
-        raise ValueError(f"modules_to_save={config.modules_to_save}: not supported by the pytree API")
+    method_for(config.peft_type)
     kernels, kinds = _kernels(params, rename, stacks), kinds or {}
-    ndim = {name: len(k.layer_shape) for m, k in kernels.items() for name in (k.layers or (m,))}
-    linear = [m for m, n in ndim.items() if n == 2 or isinstance(_spec(m, kinds), tuple)]
-    targets_all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
-    unknown = [
-        m
-        for m, k in kernels.items()
-        for name in (k.layers or (m,))
-        if k.leaf == "kernel" and ndim[name] == 3
-        if _spec(name, kinds) is None
-    ]
-    if targets_all_linear and unknown:
-        warnings.warn(
-            f"target_modules='all-linear' leaves out 3-D kernels that may be DenseGeneral/Einsum layers: {unknown}; "
-            "describe them with kinds={name: (in_axes, out_axes)} (or name their stack in stacks=) to include them",
-            UserWarning,
-            stacklevel=3,
-        )
-    match = match_targets(
-        config, list(ndim), linear_names=linear, output_names=[m for m in ndim if m in output_modules]
+    rows, layouts = _table(kernels, kinds, output_modules)
+    if table is not None:
+        rows = table(rows)
+    plans = resolve(
+        config, rows, modules_to_save=False, one_scale_per_stack=one_scale_per_stack, front_end="the pytree API"
     )
-    targeted = set(match.targeted)
     targets = {}
     for module, k in kernels.items():
-        chosen = [name for name in (k.layers or (module,)) if name in targeted]
+        chosen = [name for name in (k.layers or (module,)) if name in plans]
         if not chosen:
             continue
-        if not jnp.issubdtype(k.array.dtype, jnp.floating):
-            raise TypeError(f"{module}.{k.leaf}: expected a floating-point kernel, got {k.array.dtype}")
-        planned = {}
-        for name in chosen:
-            kind, layout = _layout(name, k.leaf, k.layer_shape, kinds)
-            r, alpha = resolve_rank_alpha(config, name)
-            shape = _layer_shape(kind, k.leaf, k.layer_shape, layout)
-            planned[name] = (plan_adapter(shape, r, alpha, config, where=name), layout)
-        plan, layout = planned[chosen[0]]
+        plan, layout = plans[chosen[0]], layouts[chosen[0]][1]
         if k.layers:
-            odd = [n for n in chosen if planned[n][0].factors != plan.factors or planned[n][1] != layout]
+            odd = [n for n in chosen if layouts[n][1] != layout]
             if odd:
                 raise ValueError(
-                    f"{module}: the layers of one stack need one factor shape, but {chosen[0]} (r={plan.r}, "
-                    f"{plan.factor_shapes}) and {odd[0]} (r={planned[odd[0]][0].r}, {planned[odd[0]][0].factor_shapes}) "
-                    "differ; make rank_pattern (and kinds) agree across the stack's layers (alpha may differ)"
+                    f"{module}: the layers of one stack need one layout, but kinds gives {chosen[0]} and {odd[0]} "
+                    "different ones; make kinds agree across the stack's layers"
                 )
-        layers = tuple((n, planned[n][0]) if n in planned else None for n in k.layers)
+        layers = tuple((n, plans[n]) if n in plans else None for n in k.layers)
         placed = functional.array_spec(k.array)
-        targets[module] = Target(k.leaf, plan, layout, k.path, layers, placed[0] if placed else None)
+        declared = _spec(chosen[0], kinds) is not None
+        targets[module] = Target(k.leaf, plan, layout, k.path, layers, placed[0] if placed else None, declared)
     return targets
 
 
@@ -349,8 +386,11 @@ def _placed(factors: dict, targets: dict[str, Target], kernels: dict[str, _Kerne
     return out
 
 
-def _adapter(factors: dict, targets: dict[str, Target], config: LycorisConfig, adapter_name: str) -> Adapter:
-    return Adapter(factors, tuple(sorted(targets.items())), config.to_json_string(), adapter_name)
+def _adapter(
+    factors: dict, targets: dict[str, Target], config: LycorisConfig, adapter_name: str, kernels: dict[str, _Kernel]
+) -> Adapter:
+    names = tuple(name for module, k in kernels.items() for name in (k.layers or (module,)))
+    return Adapter(factors, tuple(sorted(targets.items())), config.to_json_string(), adapter_name, names)
 
 
 # ---------------------------------------------------------------- the four functions
@@ -381,6 +421,21 @@ def init(
     """
     check_adapter_name(adapter_name)
     targets = _targets(params, config, kinds, output_modules, rename, stacks)
+    return _initialise(params, targets, config, key, adapter_name, autocast_adapter_dtype, rename, stacks)
+
+
+def _initialise(
+    params: Any,
+    targets: dict[str, Target],
+    config: LycorisConfig,
+    key: jax.Array,
+    adapter_name: str,
+    autocast_adapter_dtype: bool,
+    rename: Rename,
+    stacks: Sequence[str],
+) -> Adapter:
+    """The adapter with PEFT's initial factors for ``targets`` (one key per module, drawn from ``key``
+    as on the unstacked model)."""
     kernels = _kernels(params, rename, stacks)
     per_layer = sorted(name for module, target in targets.items() for name in target.module_plans(module))
     keys = dict(zip(per_layer, jax.random.split(key, len(per_layer)), strict=True))  # as on the unstacked model
@@ -399,7 +454,24 @@ def init(
         zeros = {name: jnp.zeros(shape, dtype) for name, shape in target.plan.factor_shapes.items()}
         per = [one(*entry) if entry else zeros for entry in target.layers]
         factors[module] = {name: jnp.stack([p[name] for p in per]) for name in zeros}
-    return _adapter(_placed(factors, targets, kernels), targets, config, adapter_name)
+    return _adapter(_placed(factors, targets, kernels), targets, config, adapter_name, kernels)
+
+
+def _site(target: Target, *, stacked: bool = False) -> Site:
+    """The adapted-call view of a target (a stack's layers: their shards are placed on the whole)."""
+    return Site(target.layout, None if stacked else target.spec)
+
+
+def _per_layer_scales(target: Target, scale: Any) -> jax.Array:
+    """A stack's ``scale * alpha / r`` per layer (0 for the layers the config leaves out)."""
+    per_layer = [entry[1].scaling if entry else 0.0 for entry in target.layers]
+    if isinstance(scale, (int, float)):
+        return jnp.asarray([scale * s for s in per_layer], jnp.result_type(float))
+    return scale * jnp.asarray(per_layer, jnp.result_type(float))
+
+
+def _layer_keys(target: Target, key: jax.Array | None) -> Any:
+    return None if key is None else jax.random.split(key, len(target.layers))
 
 
 def delta_weight(adapter: Adapter, module: str, *, scale: Any = 1.0, key: jax.Array | None = None) -> jax.Array:
@@ -408,55 +480,25 @@ def delta_weight(adapter: Adapter, module: str, *, scale: Any = 1.0, key: jax.Ar
     ΔW is stacked like its kernel (layers the config leaves out get zeros)."""
     target = dict(adapter.targets)[module]
     factors = adapter.factors[module]
+
+    def one(factors: Mapping[str, jax.Array], scaling: Any, key: Any, site: Site) -> jax.Array:
+        rows, keep = dropout_draws(target.plan, key, jnp.result_type(*factors.values()))
+        delta = delta_kernel(Active(target.plan, factors, scaling), site, rows)
+        return delta if keep is True else jnp.where(keep, delta, jnp.zeros_like(delta))
+
     if not target.layers:
-        return functional.constrain(_delta(target, factors, scale * target.plan.scaling, key), target.spec)
-    per_layer = [entry[1].scaling if entry else 0.0 for entry in target.layers]
-    scalings = (
-        jnp.asarray([scale * s for s in per_layer], jnp.result_type(float))
-        if isinstance(scale, (int, float))
-        else scale * jnp.asarray(per_layer, jnp.result_type(float))
-    )
-    if key is None:
-        delta = jax.vmap(lambda f, s: _delta(target, f, s, None))(factors, scalings)
-    else:
-        keys = jax.random.split(key, len(target.layers))
-        delta = jax.vmap(lambda f, s, k: _delta(target, f, s, k))(factors, scalings, keys)
+        return one(factors, scale * target.plan.scaling, key, _site(target))
+    layer = lambda f, s, k: one(f, s, k, _site(target, stacked=True))  # noqa: E731
+    delta = jax.vmap(layer)(factors, _per_layer_scales(target, scale), _layer_keys(target, key))
     return functional.constrain(delta, target.spec)
-
-
-def _delta(target: Target, factors: Mapping[str, jax.Array], scaling: Any, key: jax.Array | None) -> jax.Array:
-    """One layer's ΔW at ``scaling`` (``alpha / r`` times the user's scale) in the kernel's layout."""
-    plan = target.plan
-    delta = _DELTA[plan.peft_type](factors, scaling, plan.weight_shape)
-    rows, keep = dropout_draws(plan, key, jnp.result_type(*factors.values()))
-    if rows is not None:
-        delta = (delta * rows.reshape((-1,) + (1,) * (delta.ndim - 1))).astype(delta.dtype)
-    if keep is not True:
-        delta = jnp.where(keep, delta, jnp.zeros_like(delta))
-    return target.layout.to_kernel(delta) if target.layout is not None else delta
-
-
-def dropout_draws(plan: AdapterPlan, key: jax.Array | None, dtype: Any) -> tuple[jax.Array | None, Any]:
-    """``(rows, keep)`` of one training call: rank dropout's ``(out,)`` row factors (``None``: none)
-    and module dropout's keep flag (``True``: kept), from ``key`` split in two (``None``: eval)."""
-    if key is None or not (plan.rank_dropout or plan.module_dropout):
-        return None, True
-    rank_key, module_key = jax.random.split(key)
-    rows, keep = None, True
-    if plan.rank_dropout:
-        mask = functional.rank_dropout_keep(rank_key, plan.weight_shape[0], plan.rank_dropout)
-        mask_dtype = jnp.float32 if plan.fp32_dropout_mask else dtype
-        rows = functional.rank_dropout_rows(mask, rescale=plan.rank_dropout_scale, dtype=mask_dtype)
-    if plan.module_dropout:
-        keep = jax.random.uniform(module_key) > plan.module_dropout
-    return rows, keep
 
 
 def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | None = None) -> Any:
     """``params`` with every targeted kernel replaced by ``kernel + ΔW`` (in the kernel's layout and
     dtype, PEFT's merge arithmetic); same tree structure; differentiable in ``adapter`` and jittable.
     Training through it is the ``"merged"`` forward path (``lycoris_core.paths``): one matmul per
-    layer, ΔW formed again in the backward pass rather than kept.
+    layer; the backward pass takes the factors' gradients from the kernel's without forming ΔW
+    (``lycoris_jax.adapted.merge_kernel``).
 
     ``scale`` multiplies every module's ``alpha / r`` (``set_scale``; a traced value is fine).
     ``key`` applies rank and module dropout as in PEFT's training forward (one draw per module).
@@ -470,19 +512,25 @@ def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | N
         else {}
     )
 
+    def one(kernel: jax.Array, target: Target, factors: Mapping, scaling: Any, key: Any, site: Site) -> jax.Array:
+        rows, keep = dropout_draws(target.plan, key, jnp.result_type(*factors.values()))
+        return merge_kernel(kernel, [(Active(target.plan, factors, scaling), rows, keep)], site)
+
     def replace(path: Any, leaf: Any) -> Any:
         names = _leaf_names(path)
         module, target = by_path.get(names[:-1], (None, None))
         if target is None or names[-1] != target.leaf:
             return leaf
-        # rematerialised: the backward pass forms ΔW again instead of keeping its rank-r products
-        remat = jax.checkpoint(lambda a, s, k: delta_weight(a, module, scale=s, key=k))
-        delta = remat(adapter, scale, keys.get(module))
-        if tuple(delta.shape) != tuple(leaf.shape):
-            raise ValueError(
-                f"{module}.{target.leaf}: shape {tuple(leaf.shape)} does not fit the adapter's {delta.shape}"
-            )
-        return (leaf + delta).astype(leaf.dtype)
+        one_layer = target.layout.shape if target.layout is not None else target.plan.weight_shape
+        expected = (len(target.layers), *one_layer) if target.layers else tuple(one_layer)
+        if tuple(leaf.shape) != expected:
+            raise ValueError(f"{module}.{target.leaf}: shape {tuple(leaf.shape)} does not fit the adapter's {expected}")
+        factors, key = adapter.factors[module], keys.get(module)
+        if not target.layers:
+            return one(leaf, target, factors, scale * target.plan.scaling, key, _site(target))
+        layer = lambda w, f, s, k: one(w, target, f, s, k, _site(target, stacked=True))  # noqa: E731
+        merged = jax.vmap(layer)(leaf, factors, _per_layer_scales(target, scale), _layer_keys(target, key))
+        return functional.constrain(merged, target.spec)
 
     present = {k.path for k in _kernels(params).values()}
     missing = sorted(module for module, target in adapter.targets if target.path not in present)
@@ -494,11 +542,13 @@ def merge(params: Any, adapter: Adapter, *, scale: Any = 1.0, key: jax.Array | N
 def save_pretrained(adapter: Adapter, directory: str | os.PathLike) -> None:
     """PEFT's files (``adapter_config.json`` + ``adapter_model.safetensors``; a non-default adapter
     name goes to ``directory/<name>/``), written crash-safely; ``PeftModel.from_pretrained`` on the
-    torch twin of the model loads them."""
-    tensors = {k: jax.device_get(v) for k, v in adapter.state_dict().items()}
+    torch twin of the model loads them. The config names exactly the modules the adapter holds."""
+    tensors = {k: np.asarray(jax.device_get(v)) for k, v in adapter.state_dict().items()}
     if not tensors:
         raise ValueError("nothing to save: the adapter holds no factors")
-    save_adapters(directory, {adapter.adapter_name: (adapter.config, save(tensors, SAFETENSORS_METADATA))})
+    names = adapter.module_names or tuple(adapter.plans)
+    config = saved_config(adapter.config, adapter.plans, names)
+    save_adapters(directory, {adapter.adapter_name: (config, dump_safetensors(tensors, SAFETENSORS_METADATA))})
 
 
 def save_lycoris(adapter: Adapter, path: str | os.PathLike, *, prefix: str = kohya.LYCORIS_PREFIX) -> None:
@@ -547,21 +597,40 @@ def from_pretrained(
     the adapter dtype (float32 for a bf16/fp16 base).
     """
     check_adapter_name(adapter_name)
+    plan = lambda config: _targets(params, config, kinds, output_modules, rename, stacks)  # noqa: E731
+    return _load(directory, params, plan, adapter_name, autocast_adapter_dtype, allow_nonfinite, rename, stacks)
+
+
+def _load(
+    directory: str | os.PathLike,
+    params: Any,
+    plan: Callable[[LycorisConfig], dict[str, Target]],
+    adapter_name: str,
+    autocast_adapter_dtype: bool,
+    allow_nonfinite: bool,
+    rename: Rename,
+    stacks: Sequence[str],
+) -> Adapter:
+    """A PEFT directory's adapter on the targets ``plan(config)`` gives (the pytree API's or the Linen
+    transform's), every key, factor set, shape and dtype checked first; errors name the file."""
     files = read_adapter_files(directory)
     config = files.config
-    if config.peft_type not in _DELTA:
-        raise CheckpointError(files.weights, f"the pytree API loads LOHA and LOKR adapters, got {config.peft_type!r}")
-    names = LOHA_FACTORS if config.peft_type == "LOHA" else LOKR_FACTORS
-    tensors = read_checkpoint(files, names, load_file, lambda t: bool(jnp.isfinite(t).all()), allow_nonfinite)
     try:
-        targets = _targets(params, config, kinds, output_modules, rename, stacks)
+        method_for(config.peft_type)
+    except ValueError as err:
+        raise CheckpointError(files.weights, f"the pytree API cannot load it: {err}") from None
+    tensors = read_tensors(files, allow_nonfinite=allow_nonfinite)
+    try:
+        targets = plan(config)
     except NoMatchingModuleError as err:
         raise NoMatchingModuleError(f"{os.fspath(directory)}: the adapter's config: {err}") from None
     kernels = _kernels(params, rename, stacks)
     plans = {name: plan for module, target in targets.items() for name, plan in target.module_plans(module).items()}
     every = [name for module, k in kernels.items() for name in (k.layers or (module,))]
     try:
-        by_module, other = check_checkpoint(plans, {k: tuple(v.shape) for k, v in tensors.items()}, names, every)
+        by_module, other = check_checkpoint(
+            plans, {k: tuple(v.shape) for k, v in tensors.items()}, factor_names(config.peft_type), every
+        )
     except ValueError as err:
         raise CheckpointError(files.weights, str(err)) from None
     if other:
@@ -579,4 +648,4 @@ def from_pretrained(
         zeros = {name: jnp.zeros(shape, dtype) for name, shape in target.plan.factor_shapes.items()}
         per = [values(entry[0]) if entry else zeros for entry in target.layers]
         factors[module] = {name: jnp.stack([p[name] for p in per]) for name in zeros}
-    return _adapter(_placed(factors, targets, kernels), targets, config, adapter_name)
+    return _adapter(_placed(factors, targets, kernels), targets, config, adapter_name, kernels)

@@ -1,8 +1,8 @@
 """Model surgery on Flax NNX graphs (JAX twin of ``lycoris_torch.tuner``).
 
-The operations themselves (target resolution, validate-then-inject, checkpoint checks,
-set/delete/merge/scale, PEFT files) live in ``lycoris_core.bookkeeping.TunerBookkeeping``,
-shared with the PyTorch twin; this module supplies the NNX graph surgery, arrays and file I/O.
+The operations themselves (target resolution in ``lycoris_core.resolve``, validate-then-inject,
+checkpoint checks, set/delete/merge/scale, PEFT files) live in ``lycoris_core``, shared with the
+PyTorch twin; this module builds the resolver's table from the NNX graph and does the surgery.
 Module names are the dotted graph paths (attribute names, list indices and dict keys joined by
 "."), so an NNX model whose attributes mirror a torch model's gets the same names and keys.
 """
@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from safetensors.flax import load_file, save
 
-from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig
+from lycoris_core import LoHaConfig, LoKrConfig, LycorisConfig
 from lycoris_core.bookkeeping import TunerBookkeeping
 from lycoris_core.paths import check_forward_path
+from lycoris_core.plan import AdapterPlan
+from lycoris_core.resolve import Layer
 from lycoris_jax.layer import (
+    LAYER_CLASSES,
     LINEAR_LAYERS,
     SUPPORTED_LAYERS,
-    LoHaLayer,
-    LoKrLayer,
     LycorisLayer,
     LycorisParam,
     check_branch_dtype,
@@ -35,6 +35,7 @@ from lycoris_jax.layer import (
     layer_shape_of,
     require_dropout_stream,
 )
+from lycoris_jax.methods import method_for
 
 __all__ = ["LoHaModel", "LoKrModel", "LycorisTuner", "default_rngs"]
 
@@ -66,15 +67,16 @@ def default_rngs() -> nnx.Rngs:
 class LycorisTuner(TunerBookkeeping, nnx.Module):
     """Base tuner: wraps an ``nnx.Module`` in place and manages named adapters on it.
 
-    Subclasses set ``prefix``, ``config_cls`` and ``layers_mapping`` (base layer type -> adapter
-    layer class); they are registered for :meth:`from_pretrained`. The tuner is itself an
+    Subclasses set ``prefix`` and ``config_cls`` (whose ``peft_type`` names a registered method,
+    ``lycoris_jax.methods``); they are registered for :meth:`from_pretrained`. The tuner is itself an
     ``nnx.Module`` (``tuner.model`` is the adapted model), so ``nnx.jit``, ``nnx.grad`` and
     ``nnx.Optimizer(tuner, tx, wrt=lycoris_jax.LycorisParam)`` work on either.
     """
 
     _registry: ClassVar[dict[str, type]] = {}
-    _layer_base = LycorisLayer
-    _linear_type = LINEAR_LAYERS
+    _front_end = "the Flax twin"
+    _kind_names: ClassVar[dict[str, str]] = {"linear": "Linear", "conv1d": "Conv", "conv2d": "Conv"}
+    _table_keys = ("stacks", "output_modules")
 
     def __init__(
         self,
@@ -88,6 +90,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         stacks: Sequence[str] = (),
         branch_dtype: str = "adapter",
         forward_path: str = "auto",
+        output_modules: Sequence[str] = ("lm_head",),
     ) -> None:
         """Inject ``adapter_name`` into ``model`` (in place) and make it active.
 
@@ -102,8 +105,12 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         factors; the default ``"adapter"`` is PEFT's arithmetic. ``forward_path`` says how the forward
         pass computes the adapters (``lycoris_core.paths``): ``"auto"`` (the cheaper of ``"merged"``
         and ``"factored"`` per call), one of those, or ``"peft"`` (PEFT's two-branch arithmetic).
+        ``output_modules``: the model's output layers (names, or dot-suffixes of names), which
+        ``target_modules="all-linear"`` leaves out as PEFT leaves out a transformers model's output
+        embedding; a model's own ``get_output_embeddings()`` counts too.
         """
         self.stacks = tuple(stacks)
+        self.output_modules = tuple(output_modules)
         self.forward_path = check_forward_path(forward_path)
         self.branch_dtype = check_branch_dtype(branch_dtype)
         self.model = model
@@ -117,7 +124,8 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------ walking the graph
-    def _walk(self) -> tuple[dict[str, tuple[Path, nnx.Module]], dict[int, list[str]]]:
+    @staticmethod
+    def _walk(model: nnx.Module) -> tuple[dict[str, tuple[Path, nnx.Module]], dict[int, list[str]]]:
         """Pre-order walk (siblings in NNX's sorted order), not entering adapter layers:
         ``({name: (path, module)} for first visits, {id(module): [every name]})``."""
         found: dict[str, tuple[Path, nnx.Module]] = {}
@@ -135,78 +143,67 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
                 if isinstance(child, nnx.Module):
                     walk((*path, key), child)
 
-        walk((), self.model)
+        walk((), model)
         return found, aliases
 
+    @property
+    def _table_options(self) -> dict[str, Any]:
+        return {"stacks": self.stacks, "output_modules": self.output_modules}
+
     @classmethod
-    def _model_module_names(cls, model: nnx.Module, stacks: Sequence[str] = (), **kwargs: Any) -> list[str]:
-        names: list[str] = []
-
-        def walk(path: Path, module: nnx.Module) -> None:
-            names.append(_name(path))
-            for key, child in nnx.iter_children(module):
-                if isinstance(child, nnx.Module):
-                    walk((*path, key), child)
-
-        walk((), model)
-        missing = [stack for stack in stacks if stack not in names]
-        if missing:
-            raise ValueError(f"stacks: the model has no module {missing[0]!r}")
-        out = []
-        for name in names:  # a module in a stack: one name per layer (``stack.<i>.rest``)
-            stack = next((s for s in stacks if name == s or name.startswith(f"{s}.")), None)
-            if stack is None:
-                out.append(name)
-                continue
-            node = model
-            for part in stack.split("."):
-                node = node[int(part)] if part.isdigit() else getattr(node, part)
-            size = jax.tree.leaves(nnx.state(node, nnx.Param))[0].shape[0]
-            rest = name[len(stack) + 1 :]
-            out += [".".join(filter(None, (stack, str(i), rest))) for i in range(size)]
-        return out
+    def _table_of(
+        cls, model: nnx.Module, stacks: Sequence[str] = (), output_modules: Sequence[str] = ("lm_head",)
+    ) -> dict[str, Layer]:
+        """The resolver's table: every module by its PEFT name (a module in a stack once per layer,
+        ``stack.<i>.rest``), with its shape when it can be adapted and why not otherwise."""
+        found, aliases = cls._walk(model)
+        sizes = {stack: _stack_size(stack, found) for stack in stacks}
+        get_out = getattr(model, "get_output_embeddings", None)
+        output = get_out() if callable(get_out) else None
+        table: dict[str, Layer] = {}
+        for name, (_, module) in found.items():
+            base = module.get_base_layer() if isinstance(module, LycorisLayer) else module
+            stack = _stack_of(name, stacks)
+            names = _layer_names(name, stack, sizes)
+            shared = tuple(aliases[id(module)]) if len(aliases[id(module)]) > 1 else ()
+            is_output = module is output or any(name == m or name.endswith(f".{m}") for m in output_modules)
+            held = (
+                module.plans[next(iter(module.plans))].peft_type
+                if isinstance(module, LycorisLayer) and module.plans
+                else None
+            )
+            for layer_name in names:
+                shape, error, skip = None, None, ""
+                if not isinstance(base, SUPPORTED_LAYERS):
+                    supported = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+                    error = TypeError(
+                        f"{layer_name}: target module of type {type(base).__name__} not supported, "
+                        f"currently only adapters for {supported} are supported"
+                    )
+                try:
+                    shape = layer_shape_of(base, layer_name, stacked=stack is not None)
+                    kernel_layout_of(base, layer_name, stacked=stack is not None)
+                except TypeError as err:
+                    shape, error = None, error or err
+                    if isinstance(base, LINEAR_LAYERS):
+                        skip = str(err)
+                    elif not isinstance(base, nnx.Conv) and getattr(getattr(base, "kernel", None), "ndim", 0) >= 2:
+                        skip = f"{layer_name}: a {type(base).__name__} holds a kernel but is not a supported layer type"
+                table[layer_name] = Layer(
+                    shape,
+                    error,
+                    linear=isinstance(base, LINEAR_LAYERS),
+                    skip=skip,
+                    output=is_output,
+                    stack=name if stack is not None else None,
+                    shared=shared,
+                    held=held,
+                    type_name=type(base).__name__,
+                )
+        return table
 
     def _modules(self) -> dict[str, tuple[Path, nnx.Module]]:
-        return self._walk()[0]
-
-    def _module_aliases(self) -> dict[int, list[str]]:
-        return self._walk()[1]
-
-    def _module_table(self) -> dict[str, nnx.Module]:
-        """``{PEFT module name: module}``: a module in a stack appears once per layer."""
-        modules = self._modules()
-        sizes = {stack: self._stack_size(stack, modules) for stack in self.stacks}  # one walk, not one per module
-        return {n: module for name, (_, module) in modules.items() for n in self._layer_names(name, sizes)}
-
-    def _stack_of(self, name: str) -> tuple[str, str] | None:
-        """``(stack, rest)`` for a module in one of ``stacks`` (``rest`` is empty for the stack itself)."""
-        for stack in self.stacks:
-            if name == stack or name.startswith(f"{stack}."):
-                return stack, name[len(stack) + 1 :]
-        return None
-
-    def _layer_names(self, name: str, sizes: Mapping[str, int] | None = None) -> tuple[str, ...]:
-        """The PEFT module names of the module ``name``: ``stack.<i>.rest`` per layer, or ``(name,)``
-        (``sizes``: the stacks' layer counts, when already known)."""
-        found = self._stack_of(name)
-        if found is None:
-            return (name,)
-        stack, rest = found
-        size = sizes[stack] if sizes is not None else self._stack_size(stack)
-        return tuple(".".join(filter(None, (stack, str(i), rest))) for i in range(size))
-
-    def _stack_size(self, stack: str, modules: Mapping[str, Any] | None = None) -> int:
-        """The leading axis every parameter below ``stack`` shares (``nnx.vmap``'s layer axis)."""
-        node = (modules if modules is not None else self._modules()).get(stack)
-        if node is None:
-            raise ValueError(f"stacks: the model has no module {stack!r}")
-        sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(nnx.state(node[1], nnx.Param))}
-        if len(sizes) != 1 or None in sizes:
-            raise ValueError(
-                f"stacks: the parameters below {stack!r} must share one leading layer axis (an nnx.vmap-built "
-                f"stack), got leading sizes {sorted(sizes, key=str)}"
-            )
-        return sizes.pop()
+        return self._walk(self.model)[0]
 
     def _layer_index(self, name: str) -> tuple[str, int | None]:
         """``(module, layer)`` for a PEFT module name: ``layers.3.attn.q`` -> ``("layers.attn.q", 3)``."""
@@ -215,9 +212,6 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
             if name.startswith(f"{stack}.") and head.isdigit():
                 return ".".join(filter(None, (stack, tail))), int(head)
         return name, None
-
-    def _layer_shape_of(self, module: Any, key: str) -> Any:
-        return layer_shape_of(module, key, stacked=self._layer_index(key)[1] is not None)
 
     def _lycoris_layers(self) -> Iterator[tuple[str, LycorisLayer]]:
         for name, (_, module) in self._modules().items():
@@ -231,100 +225,69 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         return node
 
     # ------------------------------------------------------------------ injection
-    _replace_child = staticmethod(_set_child)
-
-    def _layer_kwargs(self) -> dict[str, Any]:
-        return {"rngs": self.rngs, "branch_dtype": self.branch_dtype, "forward_path": self.forward_path}
-
-    def _resolve_targets(self, config: LycorisConfig) -> dict[str, Any]:
-        if config.modules_to_save:
-            raise ValueError(
-                f"modules_to_save={config.modules_to_save}: not supported by the Flax twin yet; "
-                "train those modules with their own optimizer filter"
-            )
-        plans = super()._resolve_targets(config)
-        if any(p is not None and (p.rank_dropout or p.module_dropout) for p in plans.values()):
-            require_dropout_stream(self.rngs, f"{type(self).__name__}")
-        for stack in self.stacks:
-            self._stack_size(stack)  # the stack exists and has one layer axis
-        first: dict[str, str] = {}
-        for name, plan in plans.items():
-            module, index = self._layer_index(name)
-            if index is None:
-                continue
-            other = plans[first.setdefault(module, name)]
-            if plan is None or other is None or plan.factors != other.factors:
-                raise ValueError(
-                    f"{module}: the layers of one stack need one factor shape, but {first[module]} "
-                    f"(r={getattr(other, 'r', None)}) and {name} (r={getattr(plan, 'r', None)}) differ; make "
-                    "rank_pattern agree across the stack's layers (alpha may differ)"
-                )
-        return plans
-
-    def _linear_names(self, modules: Mapping[str, Any], config: LycorisConfig) -> list[str]:
-        """``"all-linear"``: every ``nnx.Linear``/``LinearGeneral``/``Einsum`` we can adapt. A linear
-        layer in a configuration we cannot adapt, or another module holding a kernel of 2 or more
-        dims, gets a warning naming it (never a silent skip)."""
-        names, skipped = [], []
-        for name, module in modules.items():
-            if isinstance(module, LycorisLayer):
-                names.append(name)
-            elif isinstance(module, LINEAR_LAYERS):
-                try:
-                    kernel_layout_of(module, name)
-                    names.append(name)
-                except TypeError as err:
-                    skipped.append(str(err))
-            elif not isinstance(module, nnx.Conv) and getattr(getattr(module, "kernel", None), "ndim", 0) >= 2:
-                skipped.append(f"{name}: a {type(module).__name__} holds a kernel but is not a supported layer type")
-        targets = config.target_modules
-        if skipped and isinstance(targets, str) and targets.lower() == "all-linear":
-            warnings.warn(f"target_modules='all-linear' leaves out: {'; '.join(skipped)}", UserWarning, stacklevel=4)
-        return names
-
     def _deterministic(self) -> bool:
         """The model's mode: eval iff it has modules with a mode and all are in eval mode
         (``deterministic`` / ``use_running_average`` True, as ``model.eval()`` leaves them)."""
         modes = [
             value
-            for module in self._module_table().values()
+            for _, module in self._modules().values()
             for attr in ("deterministic", "use_running_average")
             if isinstance(value := getattr(module, attr, None), bool)
         ]
         return bool(modes) and all(modes)
 
     def _inject(
-        self, adapter_name: str, config: LycorisConfig, plans: dict[str, Any], fill: Callable[[], None] | None
+        self,
+        adapter_name: str,
+        config: LycorisConfig,
+        plans: dict[str, AdapterPlan],
+        values: Mapping[str, Mapping[str, Any]] | None,
+        extra: Mapping[str, Any],
     ) -> None:
-        """Mutate the graph (then ``fill`` the new factors); undo everything if any step fails.
-        Factors about to be filled are created as zeros (no random initialisation)."""
-        modules = self._modules()
-        replaced: list[tuple[Any, Any, nnx.Module]] = []
-        updated: list[LycorisLayer] = []
-        extra = {"deterministic": self._deterministic()}  # new layers join in the model's mode
-        if fill is not None:
-            extra["initialize"] = False
-        stacked: dict[str, dict[int, Any]] = {}
+        """Wrap or extend the planned layers, then fill ``values`` (factors by module and name) or
+        initialise; undo everything if any step fails. Everything is checked before the graph changes."""
+        for bare, value in sorted(extra.items()):
+            raise ValueError(
+                f"checkpoint key {bare!r} {tuple(np.shape(value))}: fits no adapter factor "
+                "(modules_to_save weights are not supported by the Flax twin)"
+            )
+        method_for(config.peft_type)  # a registered method, before anything changes
+        if any(p.rank_dropout or p.module_dropout for p in plans.values()):
+            require_dropout_stream(self.rngs, type(self).__name__)
+        grouped: dict[str, dict[int | None, AdapterPlan]] = {}
         for name, plan in plans.items():
             module, index = self._layer_index(name)
-            if index is not None:
-                stacked.setdefault(module, {})[index] = plan
+            grouped.setdefault(module, {})[index] = plan
+        modules = self._modules()
+        sizes = {stack: _stack_size(stack, modules) for stack in self.stacks}
+        replaced: list[tuple[Any, Any, nnx.Module]] = []
+        updated: list[LycorisLayer] = []
+        layer_cls = LAYER_CLASSES.get(config.peft_type, LycorisLayer)
         try:
-            for key in dict.fromkeys(self._layer_index(name)[0] for name in plans):
-                path, target = modules[key]
-                parent = self._node(path[:-1])
+            for module, by_index in grouped.items():
+                path, target = modules[module]
+                stack = _stack_of(module, self.stacks)
+                plan = by_index[None] if stack is None else tuple(by_index.get(i) for i in range(sizes[stack[0]]))
                 if isinstance(target, LycorisLayer):
                     updated.append(target)  # before the call: a half-updated layer is rolled back too
+                    layer = target
                 else:
-                    replaced.append((parent, path[-1], target))
-                if key in stacked:
-                    size = len(self._layer_names(key))
-                    extra["layers"] = tuple(stacked[key].get(i) for i in range(size))
-                else:
-                    extra.pop("layers", None)
-                self._create_and_replace(config, adapter_name, target, path[-1], parent, key, **extra)
-            if fill is not None:
-                fill()
+                    layer = layer_cls(
+                        target,
+                        rngs=self.rngs,
+                        module_path=module,
+                        deterministic=self._deterministic(),  # new layers join in the model's mode
+                        branch_dtype=self.branch_dtype,
+                        forward_path=self.forward_path,
+                        stack_size=sizes[stack[0]] if stack is not None else 0,
+                    )
+                    replaced.append((self._node(path[:-1]), path[-1], target))
+                    _set_child(replaced[-1][0], path[-1], layer)
+                layer.update_layer(
+                    adapter_name, plan, autocast_adapter_dtype=self.autocast_adapter_dtype, initialize=values is None
+                )
+            if values is not None:
+                self._fill(adapter_name, values)
         except BaseException:
             for layer in updated:
                 layer.delete_adapter(adapter_name)
@@ -333,29 +296,14 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
             raise
         self.peft_config = {**self.peft_config, adapter_name: config}
 
-    def _fill(
-        self,
-        adapter_name: str,
-        config: LycorisConfig,
-        by_module: dict[str, dict[str, str]],
-        other: dict[str, str],
-        tensors: Mapping[str, Any],
-    ) -> Callable[[], None]:
-        for bare, key in sorted(other.items()):
-            raise ValueError(
-                f"checkpoint key {bare!r} {tuple(tensors[key].shape)}: fits no adapter factor "
-                "(modules_to_save weights are not supported by the Flax twin)"
-            )
-
-        def fill() -> None:
-            table = self._module_table()
-            for key, names in by_module.items():
-                params, index = table[key].factors[adapter_name], self._layer_index(key)[1]
-                for name, ckpt_key in names.items():
-                    value = jnp.asarray(tensors[ckpt_key], params[name].dtype)
-                    params[name][...] = value if index is None else params[name][...].at[index].set(value)
-
-        return fill
+    def _fill(self, adapter_name: str, values: Mapping[str, Mapping[str, Any]]) -> None:
+        modules = self._modules()
+        for name, factors in values.items():
+            module, index = self._layer_index(name)
+            params = modules[module][1].factors[adapter_name]
+            for factor, value in factors.items():
+                value = jnp.asarray(value, params[factor].dtype)
+                params[factor][...] = value if index is None else params[factor][...].at[index].set(value)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> jax.Array | None:
         """Merge adapters into every layer's kernel (PEFT's ``merge_adapter``).
@@ -388,7 +336,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         # a stack holds zero factors for the layers its config leaves out: PEFT has no such parameters
         padding = {name: 0 for name in self.peft_config}
         for _, layer in self._lycoris_layers():
-            for name, layers in getattr(layer, "layer_plans", {}).items():
+            for name, layers in layer.layer_plans.items():
                 unused = sum(plan is None for plan in layers)
                 padding[name] += unused * sum(math.prod(v.shape[1:]) for v in layer.factors[name].values())
         trainable = sum(padding[n] for n in self.active_adapters if not self.peft_config[n].inference_mode)
@@ -423,31 +371,52 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
             if isinstance(module, LycorisLayer):
                 _set_child(self._node(path[:-1]), path[-1], module.get_base_layer())
 
-    def _module_factors(self, key: str, layer: LycorisLayer, adapter_name: str) -> dict[str, dict[str, Any]]:
-        """A stack saves one module per targeted layer (``layers.<i>.attn.q``), as PEFT names them."""
-        tensors = self._factor_tensors(layer, adapter_name)
-        layers = getattr(layer, "layer_plans", {}).get(adapter_name)
+    def _layer_state(self, key: str, layer: LycorisLayer, adapter_name: str) -> dict[str, dict[str, Any]]:
+        """``{module: {factor: array}}`` of one layer; a stack saves one module per targeted layer
+        (``layers.<i>.attn.q``), as PEFT names them."""
+        tensors = {name: param.get_value() for name, param in layer.factors[adapter_name].items()}
+        layers = layer.layer_plans.get(adapter_name)
         if layers is None:
             return {key: tensors}
-        names = self._layer_names(key)
+        stack = _stack_of(key, self.stacks)
+        names = _layer_names(key, stack, {stack[0]: len(layers)})
         return {
             names[i]: {f: _row(v, i) for f, v in tensors.items()} for i, plan in enumerate(layers) if plan is not None
         }
 
-    def _factor_tensors(self, layer: LycorisLayer, adapter_name: str) -> dict[str, jax.Array]:
-        return {name: param.get_value() for name, param in layer.factors[adapter_name].items()}
-
     @staticmethod
-    def _read_state(path: str) -> dict[str, jax.Array]:
-        return load_file(path)
+    def _numpy(array: Any) -> np.ndarray:
+        return np.asarray(jax.device_get(array))
 
-    @staticmethod
-    def _serialize_state(tensors: Mapping[str, jax.Array]) -> bytes:
-        return save(dict(tensors), SAFETENSORS_METADATA)
 
-    @staticmethod
-    def _all_finite(tensor: jax.Array) -> bool:
-        return bool(jnp.isfinite(tensor).all())
+def _stack_of(name: str, stacks: Sequence[str]) -> tuple[str, str] | None:
+    """``(stack, rest)`` for a module in one of ``stacks`` (``rest`` is empty for the stack itself)."""
+    for stack in stacks:
+        if name == stack or name.startswith(f"{stack}."):
+            return stack, name[len(stack) + 1 :]
+    return None
+
+
+def _layer_names(name: str, stack: tuple[str, str] | None, sizes: Mapping[Any, int]) -> tuple[str, ...]:
+    """The PEFT module names of the module ``name``: ``stack.<i>.rest`` per layer, or ``(name,)``."""
+    if stack is None:
+        return (name,)
+    size = sizes[stack[0]]
+    return tuple(".".join(filter(None, (stack[0], str(i), stack[1]))) for i in range(size))
+
+
+def _stack_size(stack: str, modules: Mapping[str, tuple[Path, nnx.Module]]) -> int:
+    """The leading axis every parameter below ``stack`` shares (``nnx.vmap``'s layer axis)."""
+    node = modules.get(stack)
+    if node is None:
+        raise ValueError(f"stacks: the model has no module {stack!r}")
+    sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(nnx.state(node[1], nnx.Param))}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"stacks: the parameters below {stack!r} must share one leading layer axis (an nnx.vmap-built "
+            f"stack), got leading sizes {sorted(sizes, key=str)}"
+        )
+    return sizes.pop()
 
 
 def _row(value: Any, i: int) -> Any:
@@ -470,7 +439,6 @@ class LoHaModel(LycorisTuner):
 
     prefix = "hada_"
     config_cls = LoHaConfig
-    layers_mapping: ClassVar[dict[type[nnx.Module], type[LycorisLayer]]] = dict.fromkeys(SUPPORTED_LAYERS, LoHaLayer)
 
 
 class LoKrModel(LycorisTuner):
@@ -478,4 +446,3 @@ class LoKrModel(LycorisTuner):
 
     prefix = "lokr_"
     config_cls = LoKrConfig
-    layers_mapping: ClassVar[dict[type[nnx.Module], type[LycorisLayer]]] = dict.fromkeys(SUPPORTED_LAYERS, LoKrLayer)

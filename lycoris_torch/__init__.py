@@ -9,7 +9,7 @@
 
 from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
 from lycoris_core.paths import FORWARD_PATHS
-from lycoris_torch import functional, loha, lokr, paths
+from lycoris_torch import functional, loha, lokr, methods, paths
 from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer
 from lycoris_torch.tuner import LoHaModel, LoKrModel, LycorisTuner, ModulesToSaveWrapper
 
@@ -31,5 +31,6 @@ __all__ = [
     "functional",
     "loha",
     "lokr",
+    "methods",
     "paths",
 ]

@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lycoris_torch import functional, loha, lokr
+from lycoris_torch import functional
+from lycoris_torch.methods import method_for
 
 __all__ = ["Fold", "factored_conv", "factored_delta", "folded_forward"]
-
-_LINEAR = {"LOKR": (lokr.linear_forward, lokr.linear_grads), "LOHA": (loha.linear_forward, loha.linear_grads)}
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class _FoldedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # type: ignore[no-untyped-def]
         x, weight, *flat = ctx.saved_tensors
-        folds, grads_fn = ctx.folds, _LINEAR[ctx.peft_type][1]
+        folds, grads_fn = ctx.folds, method_for(ctx.peft_type).linear_grads
         x2, dy2 = x.reshape(-1, x.shape[-1]).to(ctx.dtype), dy.reshape(-1, dy.shape[-1])
         dx = (dy2 @ weight.to(dy2.dtype)) if ctx.needs_input_grad[0] else None
         dweight = (dy2.T @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
@@ -119,7 +118,7 @@ def factored_delta(
     peft_type: str, x: torch.Tensor, factors: dict[str, torch.Tensor], scale: float, out: int
 ) -> torch.Tensor:
     """A Linear adapter's branch ``x @ ΔWᵀ`` for ``x (..., in)`` without forming ΔW -> ``(..., out)``."""
-    y = _LINEAR[peft_type][0](x.reshape(-1, x.shape[-1]), factors, scale)
+    y = method_for(peft_type).linear_forward(x.reshape(-1, x.shape[-1]), factors, scale)
     return y.reshape(*x.shape[:-1], out)
 
 
@@ -128,6 +127,5 @@ def factored_conv(
 ) -> torch.Tensor:
     """A conv adapter's branch ``conv(x, ΔW)`` without forming ΔW, through the layer's own
     ``_conv_forward`` (padding mode, stride, dilation)."""
-    conv_forward = lokr.conv_forward if peft_type == "LOKR" else loha.conv_forward
     conv = lambda x, w: base_layer._conv_forward(x, w, None)  # noqa: E731
-    return conv_forward(conv, x, factors, scale, tuple(base_layer.weight.shape))
+    return method_for(peft_type).conv_forward(conv, x, factors, scale, tuple(base_layer.weight.shape))

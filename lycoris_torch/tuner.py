@@ -1,27 +1,30 @@
 """Model surgery and model-level operations: ``LycorisTuner``, ``LoHaModel``, ``LoKrModel``.
 
-The operations themselves (target resolution, validate-then-inject, checkpoint checks,
-set/delete/merge/scale, PEFT files) live in ``lycoris_core.bookkeeping.TunerBookkeeping``,
-shared with the JAX twin; this module supplies the torch surgery, tensors and file I/O, and
-PEFT's ``modules_to_save``. Module names are the dotted paths of ``model.named_modules()``.
+The operations themselves (target resolution in ``lycoris_core.resolve``, validate-then-inject,
+checkpoint checks, set/delete/merge/scale, PEFT files) live in ``lycoris_core``, shared with the
+JAX twin; this module builds the resolver's table from ``named_modules()``, does the torch surgery,
+and holds PEFT's ``modules_to_save``. Module names are the dotted paths of ``model.named_modules()``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
+import ml_dtypes
+import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 from torch import nn
 
-from lycoris_core import SAFETENSORS_METADATA, LoHaConfig, LoKrConfig, LycorisConfig, checkpoint_key
+from lycoris_core import LoHaConfig, LoKrConfig, LycorisConfig, checkpoint_key
 from lycoris_core.bookkeeping import TunerBookkeeping
 from lycoris_core.paths import check_forward_path
+from lycoris_core.plan import AdapterPlan
+from lycoris_core.resolve import Layer
 from lycoris_core.state import modules_to_save_key
-from lycoris_torch.layer import LoHaLayer, LoKrLayer, LycorisLayer, layer_shape_of, put_module
+from lycoris_torch.layer import LAYER_CLASSES, SUPPORTED_LAYERS, LoHaLayer, LoKrLayer, LycorisLayer, put_module
+from lycoris_torch.layer import layer_shape_of as _layer_shape_of
 
 __all__ = ["LoHaModel", "LoKrModel", "LycorisTuner", "ModulesToSaveWrapper"]
 
@@ -63,14 +66,16 @@ def _get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, str]:
 class LycorisTuner(TunerBookkeeping, nn.Module):
     """Base tuner: wraps ``model`` in place and manages named adapters on it.
 
-    Subclasses set ``prefix`` (factor-name prefix), ``config_cls`` and ``layers_mapping``
-    (base layer type -> adapter layer class); they are registered for ``from_pretrained``.
+    Subclasses set ``prefix`` (factor-name prefix) and ``config_cls`` (whose ``peft_type`` names a
+    registered method, ``lycoris_torch.methods``); they are registered for ``from_pretrained``.
+    ``layers_mapping`` (base layer type -> adapter layer class) may pick the layer class per type.
     """
 
     _registry: ClassVar[dict[str, type]] = {}
-    _layer_base = LycorisLayer
-    _linear_type = nn.Linear
-    _layer_shape_of = staticmethod(layer_shape_of)
+    _front_end = "the torch twin"
+    _modules_to_save = True
+    _kind_names: ClassVar[dict[str, str]] = {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d"}
+    layers_mapping: ClassVar[dict[type[nn.Module], type[LycorisLayer]]] = {}
 
     def __init__(
         self,
@@ -79,7 +84,7 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         adapter_name: str = "default",
         *,
         autocast_adapter_dtype: bool = True,
-        state_dict: Mapping[str, torch.Tensor] | None = None,
+        state_dict: Mapping[str, Any] | None = None,
         forward_path: str = "auto",
     ) -> None:
         """Inject ``adapter_name`` into ``model`` (in place) and make it active.
@@ -116,34 +121,51 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                 yield name, module
 
     @classmethod
-    def _model_module_names(cls, model: nn.Module, **kwargs: Any) -> list[str]:
-        return [name for name, _ in model.named_modules()]
-
-    def _module_table(self) -> dict[str, nn.Module]:
-        """``{dotted name: module}`` minus anything inside adapter layers and modules_to_save copies."""
-        table: dict[str, nn.Module] = {}
+    def _table_of(cls, model: nn.Module) -> dict[str, Layer]:
+        """The resolver's table: every module of ``named_modules()`` but those inside adapter layers and
+        ``modules_to_save`` copies, with its shape when it can be adapted (PEFT's rules: the output
+        embedding of a transformers model is left out of ``"all-linear"``)."""
+        aliases: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            aliases.setdefault(id(module), []).append(name)
+        get_out = getattr(model, "get_output_embeddings", None)
+        output = get_out() if callable(get_out) else None
+        table: dict[str, Layer] = {}
         inside: list[str] = []
-        for name, module in self.model.named_modules():
+        supported = ", ".join(t.__name__ for t in cls.layers_mapping or {t: None for t in reversed(SUPPORTED_LAYERS)})
+        for name, module in model.named_modules():
             if any(name.startswith(p) for p in inside):
                 continue
-            table[name] = module
             if isinstance(module, (LycorisLayer, ModulesToSaveWrapper)):
                 inside.append(name + ".")
+            base = module.get_base_layer() if isinstance(module, LycorisLayer) else module
+            shape, error = None, None
+            mapping = cls.layers_mapping
+            if mapping and not isinstance(base, tuple(mapping)):
+                error = TypeError(
+                    f"{name}: target module of type {type(base).__name__} not supported, "
+                    f"currently only adapters for {supported} are supported"
+                )
+            else:
+                try:
+                    shape = _layer_shape_of(base, name)
+                except TypeError as err:
+                    error = err
+            held = (
+                next(iter(module.plans.values())).peft_type
+                if isinstance(module, LycorisLayer) and module.plans
+                else None
+            )
+            table[name] = Layer(
+                shape,
+                error,
+                linear=isinstance(base, nn.Linear),
+                output=output is not None and module is output,
+                shared=tuple(aliases[id(module)]) if len(aliases[id(module)]) > 1 else (),
+                held=held,
+                type_name=type(base).__name__,
+            )
         return table
-
-    def _module_aliases(self) -> dict[int, list[str]]:
-        aliases: dict[int, list[str]] = {}
-        for name, module in self.model.named_modules(remove_duplicate=False):
-            aliases.setdefault(id(module), []).append(name)
-        return aliases
-
-    def _output_embeddings(self) -> nn.Module | None:
-        get_out = getattr(self.model, "get_output_embeddings", None)
-        return get_out() if callable(get_out) else None
-
-    @staticmethod
-    def _replace_child(parent: nn.Module, name: str, module: nn.Module) -> None:
-        setattr(parent, name, module)
 
     def _parents(self, key: str) -> Iterator[nn.Module]:
         parts = key.split(".")
@@ -152,25 +174,55 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
 
     # ------------------------------------------------------------------ injection
     def _inject(
-        self, adapter_name: str, config: LycorisConfig, plans: dict[str, Any], fill: Callable[[], None] | None
+        self,
+        adapter_name: str,
+        config: LycorisConfig,
+        plans: dict[str, AdapterPlan],
+        values: Mapping[str, Mapping[str, Any]] | None,
+        extra: Mapping[str, Any],
     ) -> None:
-        """Mutate (then ``fill`` the new factors); undo everything if any step fails."""
+        """Wrap or extend the planned layers and the ``modules_to_save`` copies, then fill ``values``
+        (and ``extra``: ``modules_to_save`` weights); undo everything if any step fails."""
+        extra_keys = self._match_modules_to_save_keys(config, {bare: tuple(v.shape) for bare, v in extra.items()})
         modules = dict(self.model.named_modules())
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[LycorisLayer] = []
         saved_grad = {p: p.requires_grad for p in self.model.parameters()}
         try:
-            for key in plans:
+            for key, plan in plans.items():
                 target = modules[key]
                 parent, attr = _get_submodule_parent(self.model, key)
                 if isinstance(target, LycorisLayer):
                     updated.append(target)  # before the call: a half-updated layer is rolled back too
-                else:
-                    replaced.append((parent, attr, target))
-                self._create_and_replace(config, adapter_name, target, attr, parent, key)
+                    target.update_layer(
+                        adapter_name, plan=plan, config=config, autocast_adapter_dtype=self.autocast_adapter_dtype
+                    )
+                    continue
+                layer_cls = next(
+                    (c for t, c in self.layers_mapping.items() if isinstance(target, t)),
+                    LAYER_CLASSES.get(plan.peft_type, LycorisLayer),
+                )
+                layer = layer_cls(
+                    target,
+                    adapter_name,
+                    config,
+                    plan=plan,
+                    autocast_adapter_dtype=self.autocast_adapter_dtype,
+                    module_path=key,
+                    forward_path=self.forward_path,
+                )
+                setattr(parent, attr, layer)
+                replaced.append((parent, attr, target))
             self._wrap_modules_to_save(adapter_name, config, replaced)
-            if fill is not None:
-                fill()
+            modules = dict(self.model.named_modules())
+            with torch.no_grad():
+                for key, factors in (values or {}).items():
+                    params = modules[key].factors[adapter_name]
+                    for name, value in factors.items():
+                        _assign(params, name, value)
+                for bare, (module_key, sub) in extra_keys.items():
+                    copy_state = modules[module_key].modules_to_save[adapter_name].state_dict()
+                    copy_state[sub].copy_(_tensor(extra[bare]))  # parameters and buffers share storage
         except BaseException:
             for layer in updated:
                 layer.delete_adapter(adapter_name)
@@ -181,7 +233,7 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
             raise
         self.peft_config = {**self.peft_config, adapter_name: config}
         for name, param in self.model.named_parameters():  # PEFT's _mark_only_adapters_as_trainable
-            if self.prefix not in name and ".modules_to_save." not in name:
+            if ".factors." not in f".{name}" and ".modules_to_save." not in name:
                 param.requires_grad_(False)
 
     def _wrap_modules_to_save(
@@ -198,30 +250,6 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                 parent, attr = _get_submodule_parent(self.model, key)
                 setattr(parent, attr, ModulesToSaveWrapper(module, adapter_name))
                 replaced.append((parent, attr, module))
-
-    def _fill(
-        self,
-        adapter_name: str,
-        config: LycorisConfig,
-        by_module: dict[str, dict[str, str]],
-        other: dict[str, str],
-        tensors: Mapping[str, torch.Tensor],
-    ) -> Callable[[], None]:
-        """Check the non-factor keys against ``modules_to_save``; return the copy-in callback."""
-        extra = self._match_modules_to_save_keys(config, {bare: tuple(tensors[k].shape) for bare, k in other.items()})
-
-        def fill() -> None:
-            modules = dict(self.model.named_modules())
-            with torch.no_grad():
-                for key, names in by_module.items():
-                    params = modules[key].factors[adapter_name]
-                    for name, ckpt_key in names.items():
-                        _assign(params, name, tensors[ckpt_key])
-                for bare, (module_key, sub) in extra.items():
-                    copy_state = modules[module_key].modules_to_save[adapter_name].state_dict()
-                    copy_state[sub].copy_(tensors[other[bare]])  # parameters and buffers share storage
-
-        return fill
 
     def _match_modules_to_save_keys(
         self, config: LycorisConfig, shapes: dict[str, tuple[int, ...]]
@@ -246,21 +274,24 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                 )
         return found
 
-    # ------------------------------------------------------------------ framework hooks
+    # ------------------------------------------------------------------ adapter management (modules_to_save)
     def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         for key, module in self.model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 yield key, module
 
-    def _check_set_adapter(self, names: list[str]) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter or a list of them; only active, non-inference-mode adapters train
+        (factors and ``modules_to_save`` copies, of which a module may have one active)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for key, wrapper in self._wrappers():
             held = [n for n in names if n in wrapper.modules_to_save]
             if len(held) > 1:
                 raise ValueError(f"{key}: modules_to_save can only have one active adapter, got {held}")
+        super().set_adapter(names)
+        self._freeze_inactive(names)
 
-    def _after_set_adapter(self, names: list[str]) -> None:
-        """Only active, non-inference-mode adapters train: factors and modules_to_save copies."""
-
+    def _freeze_inactive(self, names: list[str]) -> None:
         def trainable(name: str) -> bool:
             return name in names and not self.peft_config[name].inference_mode
 
@@ -273,16 +304,20 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
             for name, copy_ in wrapper.modules_to_save.items():
                 copy_.requires_grad_(trainable(name))
 
-    def _after_delete_adapter(self, adapter_name: str) -> None:
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
         for module in self.model.modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 del module.modules_to_save[adapter_name]
                 module.set_adapter(self.active_adapter)
+        self._freeze_inactive(self.active_adapters)
 
     def _enable_adapters(self, enabled: bool) -> None:
         for _, wrapper in self._wrappers():
             wrapper.disabled = not enabled
         super()._enable_adapters(enabled)
+        if enabled:
+            self._freeze_inactive(self.active_adapters)  # keep inference-mode adapters frozen
 
     def _unload_layers(self) -> None:
         for key, module in list(self.model.named_modules()):
@@ -294,29 +329,29 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                 active = module.active_adapter
                 setattr(parent, attr, module.modules_to_save[active] if active else module.original_module)
 
-    def _factor_tensors(self, layer: LycorisLayer, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {name: param.detach() for name, param in layer.factors[adapter_name].items()}
+    # ------------------------------------------------------------------ files
+    def _layer_state(self, key: str, layer: LycorisLayer, adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
+        return {key: {name: param.detach() for name, param in layer.factors[adapter_name].items()}}
 
-    def _extra_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {
-            checkpoint_key(key, name): tensor.detach()
-            for key, module in self.model.named_modules()
-            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
-            for name, tensor in module.modules_to_save[adapter_name].state_dict().items()
-        }
-
-    @staticmethod
-    def _read_state(path: str) -> dict[str, torch.Tensor]:
-        with safe_open(path, framework="pt") as fh:
-            return {key: fh.get_tensor(key) for key in fh.keys()}
-
-    @staticmethod
-    def _serialize_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
-        return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, SAFETENSORS_METADATA)
+    def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """Checkpoint tensors of one adapter under PEFT's keys, its ``modules_to_save`` copies included."""
+        tensors = super().adapter_state_dict(adapter_name)
+        tensors.update(
+            {
+                checkpoint_key(key, name): tensor.detach()
+                for key, module in self.model.named_modules()
+                if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
+                for name, tensor in module.modules_to_save[adapter_name].state_dict().items()
+            }
+        )
+        return tensors
 
     @staticmethod
-    def _all_finite(tensor: torch.Tensor) -> bool:
-        return bool(torch.isfinite(tensor).all())
+    def _numpy(tensor: torch.Tensor) -> np.ndarray:
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.float().numpy().astype(ml_dtypes.bfloat16)
+        return tensor.numpy()
 
     # ------------------------------------------------------------------ reporting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -330,8 +365,18 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         )
 
 
-def _assign(params: nn.ParameterDict, name: str, value: torch.Tensor) -> None:
-    param = params[name]
+def _tensor(value: Any) -> torch.Tensor:
+    """A tensor from a torch tensor or a numpy array (bf16 through float32, which holds it exactly)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    array = np.asarray(value)
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
+
+
+def _assign(params: nn.ParameterDict, name: str, value: Any) -> None:
+    param, value = params[name], _tensor(value)
     if param.is_meta:
         params[name] = nn.Parameter(value.to(dtype=torch.float32), requires_grad=param.requires_grad)
     else:

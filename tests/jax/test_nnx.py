@@ -312,56 +312,35 @@ class CustomLycorisConfig(lj.LycorisConfig):
     PEFT_TYPE = "CUSTOM_LYCORIS_LORA_JAX"
 
 
-class CustomLycorisLinear(lj.LycorisLayer):
-    """LoRA-like: ``ΔW = lora_B (out, r) @ lora_A (r, in) * alpha / r`` (PyTorch layout)."""
+def plan_custom(layer, r, alpha, config, *, where=""):
+    """LoRA-like: ``lora_A (r, in)`` (Kaiming), ``lora_B (out, r)`` (zeros), PyTorch layout."""
+    factors = (("lora_A", (r, layer.in_features), "kaiming"), ("lora_B", (layer.out_features, r), "zeros"))
+    return AdapterPlan(
+        "CUSTOM_LYCORIS_LORA_JAX",
+        layer,
+        r,
+        alpha,
+        factors,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+    )
 
-    adapter_layer_names = ("lora_A", "lora_B")
 
-    def __init__(self, base_layer, adapter_name, config, r, alpha, *, rngs, **kwargs):
-        super().__init__(base_layer, rngs=rngs)
-        self._active_adapter = [adapter_name]
-        self.update_layer(adapter_name, r, alpha, config=config)
-
-    @property
-    def _available_adapters(self):
-        return set(self.plans)
-
-    def create_adapter_parameters(self, adapter_name, r, **kwargs):
-        from lycoris_jax.layer import layer_shape_of
-
-        shape = layer_shape_of(self.get_base_layer())
-        plan = AdapterPlan(
-            "CUSTOM_LYCORIS_LORA_JAX",
-            shape,
-            r,
-            kwargs["alpha"],
-            (("lora_A", (r, shape.in_features), "kaiming"), ("lora_B", (shape.out_features, r), "zeros")),
-            rank_dropout=kwargs["config"].rank_dropout,
-            module_dropout=kwargs["config"].module_dropout,
-        )
-        self._register_adapter(adapter_name, plan)
-        self._create_factors(adapter_name, plan, jnp.float32)
-
-    def reset_adapter_parameters(self, adapter_name):
-        self._create_factors(adapter_name, self.plans[adapter_name], jnp.float32)
-
-    def update_layer(self, adapter_name, r, alpha, config=None, **kwargs):
-        self.create_adapter_parameters(adapter_name, r, alpha=alpha, config=config)
-
-    def get_delta_weight(self, adapter_name, *, apply_rank_dropout=False, rank_dropout_mask=None):
-        f = self._factor_values(adapter_name)
-        weight = f["lora_B"] @ f["lora_A"] * self.scaling[adapter_name]
-        return self._rank_dropout(adapter_name, weight, apply_rank_dropout, rank_dropout_mask)
-
-    def _get_delta_activations(self, adapter_name, x, *args, **kwargs):
-        delta = self.get_delta_weight(adapter_name)
-        return lj.functional.forward_with_weight(self.get_base_layer(), self._cast_input_dtype(x, delta.dtype), delta)
+# A new method is its plan and one record: ``ΔW = lora_B (out, r) @ lora_A (r, in) * alpha / r``.
+lj.methods.register(
+    lj.methods.Method(
+        "CUSTOM_LYCORIS_LORA_JAX",
+        ("lora_A", "lora_B"),
+        plan_custom,
+        lambda f, scale, shape: (f["lora_B"] @ f["lora_A"] * scale).reshape(shape),
+        kinds=frozenset({"linear"}),
+    )
+)
 
 
 class CustomLycorisTuner(lj.LycorisTuner):
     prefix = "lora_"
     config_cls = CustomLycorisConfig
-    layers_mapping = {nnx.Linear: CustomLycorisLinear}  # noqa: RUF012
 
 
 def test_custom_variant_matches_the_torch_custom_variant(tmp_path):

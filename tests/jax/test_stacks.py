@@ -331,13 +331,10 @@ def test_linen_scan_both_ways_against_peft(tmp_path, kind):
 
 def test_linen_scan_needs_one_scale_per_stack():
     cfg = config("lokr", alpha_pattern={"layers.2.mlp": 16})
-    adapted, lycoris = linen.adapt(
-        LinenScanned(), stacked_params(torch_net()), cfg, key=jax.random.key(0), stacks=["layers"]
-    )
     with pytest.raises(
         ValueError, match=r"layers\.\*\.mlp: inside nn.scan every layer of a stack needs the same alpha / r"
-    ):
-        adapted.apply({"params": stacked_params(torch_net()), "lycoris": lycoris}, X)
+    ):  # at adapt time, not at the first apply inside the scan trace
+        linen.adapt(LinenScanned(), stacked_params(torch_net()), cfg, key=jax.random.key(0), stacks=["layers"])
 
 
 def test_nnx_stack_parameter_counts_are_peft_counts():

@@ -257,7 +257,7 @@ def test_the_cost_rule_sees_how_an_explicit_mesh_splits_a_call(monkeypatch):
     from flax import linen as nn
 
     from lycoris_core.paths import Split
-    from lycoris_jax import linen
+    from lycoris_jax import adapted, linen
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
     cfg = lj.LoHaConfig(r=8, target_modules=["layers.0"])
@@ -278,8 +278,8 @@ def test_the_cost_rule_sees_how_an_explicit_mesh_splits_a_call(monkeypatch):
         assert nnx_choice(("data", None)) == "merged"  # FSDP
 
         splits = []
-        choose = linen.choose_path
-        monkeypatch.setattr(linen, "choose_path", lambda *a, **kw: splits.append(kw["split"]) or choose(*a, **kw))
+        choose = adapted.choose_path  # the one adapted call every front end shares
+        monkeypatch.setattr(adapted, "choose_path", lambda *a, **kw: splits.append(kw["split"]) or choose(*a, **kw))
         model = nn.Sequential([nn.Dense(512)])
         params = jax.device_put(
             model.init(jax.random.key(0), np.zeros((1, 512), np.float32))["params"], PartitionSpec()

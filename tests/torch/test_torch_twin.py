@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 
@@ -363,7 +362,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lycoris_torch.tuner.save", boom)
+    monkeypatch.setattr("lycoris_core.bookkeeping.dump_safetensors", boom)
     with pytest.raises(OSError):
         tuner.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
@@ -419,56 +418,36 @@ class CustomLycorisConfig(LycorisConfig):
     PEFT_TYPE = "CUSTOM_LYCORIS_LORA"
 
 
+def plan_custom(layer, r, alpha, config, *, where=""):
+    """A LoRA-like variant: ``lora_A (r, in)`` (Kaiming), ``lora_B (out, r)`` (zeros)."""
+    factors = (("lora_A", (r, layer.in_features), "kaiming"), ("lora_B", (layer.out_features, r), "zeros"))
+    return AdapterPlan(
+        "CUSTOM_LYCORIS_LORA",
+        layer,
+        r,
+        alpha,
+        factors,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+    )
+
+
+# A new method is its plan and one record: ``ΔW = lora_B (out, r) @ lora_A (r, in) * alpha / r``.
+lt.methods.register(
+    lt.methods.Method(
+        "CUSTOM_LYCORIS_LORA",
+        ("lora_A", "lora_B"),
+        plan_custom,
+        lambda f, scale, shape: (f["lora_B"] @ f["lora_A"] * scale).reshape(shape),
+        kinds=frozenset({"linear"}),
+    )
+)
+
+
 class CustomLycorisLinear(lt.LycorisLayer):
-    """A LoRA-like variant: ``ΔW = lora_B (out, r) @ lora_A (r, in) * alpha / r``."""
+    """A layer holding the custom variant (its math is the record's)."""
 
     adapter_layer_names = ("lora_A", "lora_B")
-
-    def __init__(self, base_layer, adapter_name, config, r, alpha, **kwargs):
-        super().__init__(base_layer)
-        self._active_adapter = [adapter_name]
-        self.update_layer(adapter_name, r, alpha, config=config)
-
-    @property
-    def _available_adapters(self):
-        return set(self.factors)
-
-    def create_adapter_parameters(self, adapter_name, r, **kwargs):
-        out_features, in_features = self.get_base_layer().weight.shape
-        self.factors[adapter_name] = nn.ParameterDict(
-            {"lora_A": nn.Parameter(torch.empty(r, in_features)), "lora_B": nn.Parameter(torch.empty(out_features, r))}
-        )
-
-    def reset_adapter_parameters(self, adapter_name):
-        nn.init.kaiming_uniform_(self.factors[adapter_name]["lora_A"], a=math.sqrt(5))
-        nn.init.zeros_(self.factors[adapter_name]["lora_B"])
-
-    def update_layer(self, adapter_name, r, alpha, config=None, **kwargs):
-        from lycoris_torch.layer import layer_shape_of
-
-        self.create_adapter_parameters(adapter_name, r)
-        shapes = {k: tuple(v.shape) for k, v in self.factors[adapter_name].items()}
-        plan = AdapterPlan(
-            "CUSTOM_LYCORIS_LORA",
-            layer_shape_of(self.get_base_layer()),
-            r,
-            alpha,
-            tuple((k, s, "kaiming") for k, s in shapes.items()),
-            rank_dropout=config.rank_dropout,
-            module_dropout=config.module_dropout,
-        )
-        self._register_adapter(adapter_name, plan)
-        self.reset_adapter_parameters(adapter_name)
-        self.set_adapter(self.active_adapters)
-
-    def get_delta_weight(self, adapter_name, *, apply_rank_dropout=False, rank_dropout_mask=None):
-        f = self.factors[adapter_name]
-        weight = f["lora_B"] @ f["lora_A"] * self.scaling[adapter_name]
-        return self._rank_dropout(adapter_name, weight, apply_rank_dropout, rank_dropout_mask)
-
-    def _get_delta_activations(self, adapter_name, x, *args, **kwargs):
-        delta = self.get_delta_weight(adapter_name)
-        return lt.functional.forward_with_weight(self.get_base_layer(), self._cast_input_dtype(x, delta.dtype), delta)
 
 
 class CustomLycorisTuner(lt.LycorisTuner):
