@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lycoris_torch as lt
+from lycoris_cli.cli import main
 from lycoris_core import kohya
-from lycoris_jax.cli import main
 from tests.kohya.models import CONV1D, network, torch_model
 
 NAMES = [n for n, _ in torch_model().named_modules()]
@@ -103,7 +103,7 @@ def test_model_may_be_a_transformers_directory(tmp_path):
 
 
 def test_a_model_directory_runs_no_code_and_flax_names_map_to_torch(tmp_path):
-    from lycoris_jax.cli import model_modules
+    from lycoris_cli.cli import model_modules
     from tests.jax.llama import CONFIG
 
     remote = copy.deepcopy(CONFIG)

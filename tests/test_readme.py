@@ -39,7 +39,7 @@ def test_the_use_section_runs_as_written(tmp_path, monkeypatch, capsys):
 
 
 def test_the_lycoris_files_section_runs_as_written(tmp_path, monkeypatch, capsys):
-    from lycoris_jax.cli import main as cli_main
+    from lycoris_cli.cli import main as cli_main
 
     monkeypatch.chdir(tmp_path)
     scope: dict = {"__name__": "readme_lycoris"}

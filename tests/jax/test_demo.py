@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from lycoris_jax.cli import main
+from lycoris_cli.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,7 +52,7 @@ def test_bad_usage_and_unusable_input_exit_2(tmp_path):
 
     def run(*args):
         return subprocess.run(
-            [sys.executable, "-m", "lycoris_jax", *args], cwd=ROOT, env=env, capture_output=True, text=True
+            [sys.executable, "-m", "lycoris_cli", *args], cwd=ROOT, env=env, capture_output=True, text=True
         )
 
     assert run("demo", "--method", "lora").returncode == 2

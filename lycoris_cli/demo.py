@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     models = _local_model(args.model) if args.model else _small_llama(args.seed)
-    text = resources.files("lycoris_jax").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
+    text = resources.files("lycoris_cli").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
     tokens = models.tokenize(text)
     config_cls = lj.LoKrConfig if args.method == "lokr" else lj.LoHaConfig
     # The output projection too, unless it is tied to the embeddings (Gemma): then Flax has no kernel

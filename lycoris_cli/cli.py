@@ -1,4 +1,4 @@
-"""The ``lycoris-jax`` command (``python -m lycoris_jax``).
+"""The ``lycoris-jax`` command (``python -m lycoris_cli``).
 
 Subcommands: ``demo`` (fine-tune and cross-load, the README's main job), ``convert`` (PEFT
 directory <-> LyCORIS/kohya file), ``check`` (validate an adapter and compare the frameworks on it),
@@ -128,7 +128,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lycoris_jax import demo
+    from lycoris_cli import demo
 
     parser = argparse.ArgumentParser(
         prog="lycoris-jax",
@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lycoris_jax import demo
+    from lycoris_cli import demo
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     run = {"demo": demo.run, "convert": _convert, "check": _check, "inspect": _inspect}[args.command]
