@@ -64,11 +64,33 @@ def model_modules(spec: str) -> Any:
     raise ValueError(f"--model {spec!r}: no such file or directory")
 
 
+def _check_destination(source: str, destination: str, force: bool) -> None:
+    """Refuse a destination that is, holds or lies inside the source (``--force`` or not), and an
+    existing one (an empty directory aside) without ``--force``."""
+    src, dst = os.path.realpath(source), os.path.realpath(destination)
+    if src == dst or (os.path.exists(dst) and os.path.samefile(src, dst)):
+        raise ValueError(f"{destination!r}: is the source itself; choose another destination")
+    if os.path.commonpath([src, dst]) == src:
+        raise ValueError(
+            f"{destination!r}: lies inside the source {source!r}, whose adapter it could replace; "
+            "choose a destination outside it"
+        )
+    if os.path.commonpath([src, dst]) == dst:
+        raise ValueError(
+            f"{destination!r}: holds the source {source!r}, which writing there could replace; "
+            "choose another destination"
+        )
+    if os.path.exists(dst) and not force and not (os.path.isdir(dst) and not os.listdir(dst)):
+        what = "a directory" if os.path.isdir(dst) else "a file"
+        raise ValueError(f"{destination!r}: exists ({what}); pass --force to replace it, or choose another destination")
+
+
 def _convert(args: argparse.Namespace) -> int:
     from lycoris_core import kohya
 
     if not os.path.exists(args.source):
         raise ValueError(f"{args.source!r}: no such file or directory")
+    _check_destination(args.source, args.destination, args.force)
     layers = model_modules(args.model) if args.model else None
     if os.path.isdir(args.source):
         config, tensors = kohya.read_peft(args.source)
@@ -148,12 +170,18 @@ def _parser() -> argparse.ArgumentParser:
         help="PEFT adapter directory <-> LyCORIS/kohya single .safetensors file",
         description="Convert a PEFT LoHa/LoKr directory to a LyCORIS/kohya file (SOURCE a directory), or a "
         "LyCORIS file to a PEFT directory (SOURCE a file; needs --model). Both compute what the source computes; "
-        "see README, 'LyCORIS and kohya files'.",
+        "see README, 'LyCORIS and kohya files'. An existing destination is replaced only with --force; factors with NaN or "
+        "inf are refused.",
     )
     p.add_argument("source", help="a PEFT adapter directory, or a LyCORIS .safetensors file")
     p.add_argument("destination", help="the LyCORIS file to write, or the PEFT directory to write")
     p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--prefix", help="the LyCORIS name prefix: written (default 'lycoris'), or read (default: found)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing destination (never the source, a path inside it or one that holds it)",
+    )
     p = commands.add_parser(
         "check",
         help="validate an adapter and compare lycoris_jax, lycoris_torch and PEFT on it",

@@ -626,7 +626,8 @@ class TunerBookkeeping:
         underscore names resolve against ``model``'s module paths (``prefix``: the file's, e.g.
         ``"lycoris"`` or ``"lora_unet"``; found when not given), then it loads as its PEFT
         equivalent would (:meth:`from_pretrained`), computing what lycoris-lora computes."""
-        with kohya.as_peft_directory(path, cls._model_module_names(model, **kwargs), prefix=prefix) as directory:
+        names = cls._model_module_names(model, **kwargs)
+        with kohya.as_peft_directory(path, names, prefix=prefix, allow_nonfinite=allow_nonfinite) as directory:
             return cls.from_pretrained(
                 model, directory, adapter_name, is_trainable, allow_nonfinite=allow_nonfinite, **kwargs
             )

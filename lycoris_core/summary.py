@@ -54,7 +54,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             rows.append(_row(module, config.peft_type, shapes, dtypes, r, alpha, alpha / r))
         fmt, methods = "peft", {config.peft_type}
     else:
-        source = read_lycoris(path)
+        source = read_lycoris(path, allow_nonfinite=True)  # what it holds, NaN or not
         for name, m in source.modules.items():
             dtypes = {k: SAFETENSORS_DTYPES[v.dtype] for k, v in m.factors.items()}
             rows.append(_row(name, m.peft_type, m.shapes, dtypes, m.r, m.alpha, m.scale))

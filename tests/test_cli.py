@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import lycoris_torch as lt
 from lycoris_cli.cli import main
@@ -15,6 +22,7 @@ from lycoris_core import kohya
 from tests.kohya.models import CONV1D, network, torch_model
 
 NAMES = [n for n, _ in torch_model().named_modules()]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +129,135 @@ def test_a_model_directory_runs_no_code_and_flax_names_map_to_torch(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{")
     with pytest.raises(ValueError, match="cannot build a transformers model"):
         model_modules(str(tmp_path / "broken"))
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def _peft_dir(tmp: Path) -> tuple[Path, Path]:
+    """``tmp/peft`` (a PEFT directory converted from ``tmp/lokr.safetensors``) and the module list."""
+    names = tmp / "modules.txt"
+    names.write_text("\n".join(NAMES))
+    assert main(["convert", str(tmp / "lokr.safetensors"), str(tmp / "peft"), "--model", str(names)]) == 0
+    return tmp / "peft", names
+
+
+def _poison(path: Path, key: str, value: float) -> None:
+    tensors = load_file(path)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = value
+    save_file(tensors, path)
+
+
+def _exists_directory(t: Path) -> list[str]:
+    peft, names = _peft_dir(t)
+    return ["convert", str(t / "lokr.safetensors"), str(peft), "--model", str(names)]
+
+
+def _exists_file(t: Path) -> list[str]:
+    peft, _ = _peft_dir(t)
+    (t / "out.safetensors").write_bytes(b"someone's file")
+    return ["convert", str(peft), str(t / "out.safetensors")]
+
+
+def _inside(t: Path) -> list[str]:
+    peft, _ = _peft_dir(t)
+    return ["convert", str(peft), str(peft / "adapter_model.safetensors"), "--force"]
+
+
+def _holds(t: Path) -> list[str]:
+    peft, names = _peft_dir(t)
+    shutil.copy(t / "lokr.safetensors", peft / "adapter_model.safetensors.bak")
+    return ["convert", str(peft / "adapter_model.safetensors.bak"), str(peft), "--model", str(names), "--force"]
+
+
+def _nonfinite_lycoris(command: str) -> Callable[[Path], list[str]]:
+    def setup(t: Path) -> list[str]:
+        (t / "modules.txt").write_text("\n".join(NAMES))
+        _poison(t / "lokr.safetensors", "lycoris_mlp_head.lokr_w1", float("nan"))
+        if command == "check":
+            return ["check", str(t / "lokr.safetensors")]
+        return ["convert", str(t / "lokr.safetensors"), str(t / "out"), "--model", str(t / "modules.txt")]
+
+    return setup
+
+
+def _nonfinite_peft(t: Path) -> list[str]:
+    peft, _ = _peft_dir(t)
+    _poison(peft / "adapter_model.safetensors", "base_model.model.mlp.head.lokr_w1", float("inf"))
+    return ["convert", str(peft), str(t / "out.safetensors")]
+
+
+@dataclass(frozen=True)
+class CliCase:
+    """``setup(tmp)`` makes the files and returns the argv; the command must exit 2 with ``match`` on
+    one line of stderr and leave every file as it was."""
+
+    id: str
+    setup: Callable[[Path], list[str]]
+    match: str
+
+
+CLI_CASES = [
+    CliCase("convert-destination-exists-directory", _exists_directory, r"peft': exists \(a directory\); pass --force"),
+    CliCase("convert-destination-exists-file", _exists_file, r"out.safetensors': exists \(a file\); pass --force"),
+    CliCase(
+        "convert-destination-is-source",
+        lambda t: ["convert", str(t / "lokr.safetensors"), str(t / "lokr.safetensors"), "--force"],
+        "lokr.safetensors': is the source itself; choose another destination",
+    ),
+    CliCase("convert-destination-inside-source", _inside, "adapter_model.safetensors': lies inside the source"),
+    CliCase("convert-destination-holds-source", _holds, "peft': holds the source"),
+    CliCase(
+        "convert-nonfinite-lycoris",
+        _nonfinite_lycoris("convert"),
+        r"lokr.safetensors: non-finite values \(NaN or inf\) in \['lycoris_mlp_head.lokr_w1'\]; .* repair",
+    ),
+    CliCase(
+        "convert-nonfinite-peft",
+        _nonfinite_peft,
+        r"peft/adapter_model.safetensors: non-finite values \(NaN or inf\) in \['base_model.model.mlp.head.lokr_w1'\]",
+    ),
+    CliCase(
+        "check-nonfinite-lycoris",
+        _nonfinite_lycoris("check"),
+        r"lokr.safetensors: non-finite values \(NaN or inf\) in \['lycoris_mlp_head.lokr_w1'\]",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.id)
+def test_cli_errors(case, lycoris_file, tmp_path, capsys):
+    shutil.copy(lycoris_file, tmp_path / "lokr.safetensors")
+    argv = case.setup(tmp_path)
+    before = _digest(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(case.match, err), err
+    assert err.startswith(f"lycoris-jax {argv[0]}: ")
+    assert _digest(tmp_path) == before
+
+
+def test_cli_catalogue_matches_the_docs():
+    section = DOCS.read_text().split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    ids = re.findall(r"^\| `([a-z0-9-]+)` \|", section, flags=re.M)
+    assert len(ids) == len(set(ids)), "duplicate rows in docs/ERRORS.md, 'Command line'"
+    assert set(ids) == {c.id for c in CLI_CASES}
+
+
+def test_convert_force_replaces_and_an_empty_directory_is_fine(lycoris_file, tmp_path):
+    shutil.copy(lycoris_file, tmp_path / "lokr.safetensors")
+    peft, names = _peft_dir(tmp_path)
+    (peft / "README.md").write_text("kept")
+    assert main(["convert", str(tmp_path / "lokr.safetensors"), str(peft), "--model", str(names), "--force"]) == 0
+    assert (peft / "README.md").read_text() == "kept" and kohya.read_peft(peft)[0].peft_type == "LOKR"
+    (tmp_path / "out.safetensors").write_bytes(b"old")
+    assert main(["convert", str(peft), str(tmp_path / "out.safetensors"), "--force"]) == 0
+    assert len(kohya.read_lycoris(tmp_path / "out.safetensors").modules) == 5
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(tmp_path / "lokr.safetensors"), str(tmp_path / "empty"), "--model", str(names)]) == 0
