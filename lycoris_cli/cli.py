@@ -4,7 +4,8 @@ Subcommands: ``demo`` (fine-tune and cross-load, the README's main job), ``conve
 directory <-> LyCORIS/kohya file), ``check`` (validate an adapter and compare the frameworks on it),
 ``inspect`` (what an adapter holds, as a table or ``--json``). ``--help`` on each.
 
-Exit codes: 0 ok, 1 failed (``check``: the frameworks disagree), 2 unusable input or bad usage.
+Exit codes: 0 ok, 1 failed (``check``: the frameworks disagree), 2 unusable input or bad usage,
+141 the reader of the output went away (``... | head``), quietly, as a program killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -139,10 +140,8 @@ def _inspect(args: argparse.Namespace) -> int:
     head = f"{'module':<44} {'method':<6} {'r':>4} {'alpha':>8} {'scale':>8} {'params':>10} {'bytes':>11}  dtypes"
     print(head)
     for row in info["modules"]:
-        r = "-" if row["r"] is None else row["r"]
-        alpha = "-" if row["alpha"] is None else f"{row['alpha']:g}"
         print(
-            f"{row['module']:<44} {row['method']:<6} {r:>4} {alpha:>8} {row['scale']:>8.4g} "
+            f"{row['module']:<44} {row['method']:<6} {row['r']:>4} {row['alpha']:>8g} {row['scale']:>8.4g} "
             f"{row['params']:>10,} {row['bytes']:>11,}  {','.join(row['dtypes'])}"
         )
     print(f"total: {info['params']:,} parameters, {info['bytes']:,} bytes")
@@ -155,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lycoris-jax",
         description="LyCORIS adapters (LoHa, LoKr) for JAX/Flax, with PEFT's and LyCORIS/kohya's files.",
-        epilog="exit codes: 0 ok, 1 failed, 2 unusable input or bad usage",
+        epilog="exit codes: 0 ok, 1 failed, 2 unusable input or bad usage, 141 output pipe closed",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
@@ -207,7 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"demo": demo.run, "convert": _convert, "check": _check, "inspect": _inspect}[args.command]
     unusable = (ValueError, OSError) if args.command == "demo" else (ValueError, TypeError, OSError)
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # ``lycoris-jax inspect ... | head``: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit's own flush must not fail again
+        os.close(devnull)
+        return 141
     except unusable as err:  # unusable input: one line, no traceback
         print(f"lycoris-jax {args.command}: {err}", file=sys.stderr)
         return 2

@@ -122,6 +122,17 @@ class LycorisModule:
             return 1.0
         return self.alpha / self.r
 
+    @property
+    def load_rank_alpha(self) -> tuple[int, float]:
+        """``(r, alpha)`` as a load reads them (the PEFT config of :func:`lycoris_to_peft`): a missing or
+        zero alpha means ``alpha = r``; a full LoKr module is every factor full under PEFT's rule,
+        ``r = max(a, b, c, d)``, with ``alpha = r`` (scale 1, as lycoris-lora ignores its alpha)."""
+        if self.full:
+            (a, c), (b, d) = self.shapes["lokr_w1"], self.shapes["lokr_w2"][:2]
+            r = max(a, b, c, d)
+            return r, float(r)
+        return self.r, self.alpha if self.alpha else float(self.r)
+
 
 @dataclass
 class LycorisFile:
@@ -354,13 +365,7 @@ def lycoris_to_peft(
             if core in factors and factors[core].ndim == 3:  # Conv1d: LyCORIS (r, r, k), PEFT (r, r, k, 1)
                 factors[core] = factors[core][..., None]
         _check_representable(f"{source.path}: {name} ({path})", peft_type, module.shapes)
-        if module.full:
-            (a, c), (b, d) = factors["lokr_w1"].shape, factors["lokr_w2"].shape[:2]
-            r = max(a, b, c, d)  # every factor full under PEFT's rule; alpha = r: scale 1, as lycoris-lora
-            alpha: float = r
-        else:
-            r = module.r
-            alpha = module.alpha if module.alpha else r
+        r, alpha = module.load_rank_alpha
         entries.append((path, factors, r, _int_if_integral(alpha)))
     r0 = Counter(e[2] for e in entries).most_common(1)[0][0]
     a0 = Counter(e[3] for e in entries).most_common(1)[0][0]

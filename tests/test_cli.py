@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +21,12 @@ from safetensors.torch import load_file, save_file
 
 import lycoris_torch as lt
 from lycoris_cli.cli import main
-from lycoris_core import kohya
+from lycoris_core import kohya, resolve_rank_alpha
 from tests.kohya.models import CONV1D, network, torch_model
 
 NAMES = [n for n, _ in torch_model().named_modules()]
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "ERRORS.md"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,45 @@ def test_inspect_a_lycoris_file_and_a_peft_directory(lycoris_file, tmp_path, cap
     assert main(["inspect", str(tmp_path / "peft"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["format"], info["method"], info["modules"][0]["module"]) == ("peft", "LoHa", "mlp.head")
+
+
+def test_inspect_shows_the_rank_and_alpha_a_load_uses(lycoris_file, tmp_path, capsys):
+    tensors = load_file(lycoris_file)
+    del tensors["lycoris_mlp_layers_0.alpha"]  # no alpha: alpha = r
+    tensors["lycoris_mlp_layers_1.alpha"] = torch.tensor(0.0)  # zero: alpha = r
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    rows = {row["module"]: row for row in json.loads(capsys.readouterr().out)["modules"]}
+    assert main(["inspect", str(path)]) == 0
+    table = {line.split()[0]: line.split()[2:5] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    source = kohya.read_lycoris(path)
+    config, _ = kohya.lycoris_to_peft(source, NAMES)
+    names = kohya.resolve_names(source.modules, NAMES)
+    assert any(m.full for m in source.modules.values())  # W1 and W2 full: the file's alpha is ignored
+    for name, row in rows.items():
+        r, alpha = resolve_rank_alpha(config, names[name])  # what a load of the file uses
+        assert (row["r"], row["alpha"], row["scale"]) == (r, alpha, alpha / r), name
+        assert table[name] == [str(r), f"{alpha:g}", f"{alpha / r:.4g}"], name
+    assert (rows["lycoris_mlp_layers_0"]["alpha"], rows["lycoris_mlp_layers_1"]["alpha"]) == (2, 2)
+    assert (rows["lycoris_mlp_head"]["r"], rows["lycoris_mlp_head"]["alpha"]) == (4, 4)  # not "-" and 2
+
+
+def test_inspect_stops_quietly_when_the_reader_goes_away(lycoris_file):
+    read, write = os.pipe()
+    os.close(read)  # as ``| head -1`` once head has exited: every write fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "lycoris_cli", "inspect", str(lycoris_file)],
+            cwd=ROOT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ | {"JAX_PLATFORMS": "cpu"},
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_convert_both_ways_and_check(lycoris_file, tmp_path, capsys):
