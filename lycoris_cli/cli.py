@@ -159,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "demo",
-        help="fine-tune LoKr/LoHa on a transformers Flax Llama and load the result in PEFT and lycoris_torch",
+        help="fine-tune LoKr/LoHa on a transformers Flax Llama (or a local Llama, Gemma or Mistral checkpoint) and "
+        "load the result in PEFT and lycoris_torch",
         description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

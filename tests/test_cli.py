@@ -46,6 +46,12 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: lycoris-jax" in capsys.readouterr().out
 
 
+def test_demo_help_names_every_architecture_model_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "Llama, Gemma or Mistral checkpoint directory" in " ".join(capsys.readouterr().out.split())
+
+
 def test_bad_usage_exits_2(capsys):
     for argv in (["bogus"], ["convert", "only-one"], ["inspect"]):
         with pytest.raises(SystemExit) as exit_:
@@ -234,6 +240,26 @@ def _nonfinite_peft(t: Path) -> list[str]:
     return ["convert", str(peft), str(t / "out.safetensors")]
 
 
+def _demo(*args: str) -> Callable[[Path], list[str]]:
+    return lambda t: ["demo", *args, "--out", str(t / "out")]
+
+
+def _model_dir(config: str | None) -> Callable[[Path], list[str]]:
+    def setup(t: Path) -> list[str]:
+        (t / "mpt").mkdir()  # a folder name transformers would read as a model type
+        (t / "mpt" / "model.safetensors").write_bytes(b"")
+        if config is not None:
+            (t / "mpt" / "config.json").write_text(config)
+        return ["demo", "--model", str(t / "mpt"), "--out", str(t / "out")]
+
+    return setup
+
+
+def _out_is_a_file(t: Path) -> list[str]:
+    (t / "out").write_text("results")
+    return ["demo", "--out", str(t / "out")]
+
+
 @dataclass(frozen=True)
 class CliCase:
     """``setup(tmp)`` makes the files and returns the argv; the command must exit 2 with ``match`` on
@@ -245,6 +271,27 @@ class CliCase:
 
 
 CLI_CASES = [
+    CliCase("demo-steps-not-positive", _demo("--steps", "0"), "--steps: expected a positive integer, got 0"),
+    CliCase("demo-rank-not-positive", _demo("--rank", "0"), "--rank: expected a positive integer, got 0"),
+    CliCase(
+        "demo-lr-not-positive", _demo("--lr", "-0.01"), "--lr: expected a positive finite learning rate, got -0.01"
+    ),
+    CliCase("demo-lr-not-finite", _demo("--lr", "nan"), "--lr: expected a positive finite learning rate, got nan"),
+    CliCase("demo-seed-negative", _demo("--seed", "-1"), "--seed: expected a non-negative integer, got -1"),
+    CliCase("demo-out-not-a-directory", _out_is_a_file, "out': exists and is not a directory"),
+    CliCase(
+        "demo-model-missing",
+        _demo("--model", "no-such-checkpoint"),
+        "--model 'no-such-checkpoint': expected a local transformers Llama, Gemma or Mistral checkpoint directory, "
+        "got no such directory",
+    ),
+    CliCase("demo-model-no-config", _model_dir(None), "mpt': config.json is missing"),
+    CliCase("demo-model-config-not-json", _model_dir("{"), r"mpt/config.json': cannot read it: JSONDecodeError"),
+    CliCase(
+        "demo-model-other-type",
+        _model_dir('{"model_type": "gpt2"}'),
+        "mpt': expected a Llama, Gemma or Mistral checkpoint, got model_type 'gpt2' in config.json",
+    ),
     CliCase("convert-destination-exists-directory", _exists_directory, r"peft': exists \(a directory\); pass --force"),
     CliCase("convert-destination-exists-file", _exists_file, r"out.safetensors': exists \(a file\); pass --force"),
     CliCase(
