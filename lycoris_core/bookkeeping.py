@@ -480,7 +480,9 @@ class TunerBookkeeping:
         ``"lycoris"`` or ``"lora_unet"``; found when not given), then it loads as its PEFT
         equivalent would (:meth:`from_pretrained`), computing what lycoris-lora computes."""
         table = cls._table_of(model, **{k: v for k, v in kwargs.items() if k in cls._table_keys})
-        with kohya.as_peft_directory(path, table_shapes(table), prefix=prefix) as directory:
+        with kohya.as_peft_directory(
+            path, table_shapes(table), prefix=prefix, allow_nonfinite=allow_nonfinite
+        ) as directory:
             return cls.from_pretrained(
                 model, directory, adapter_name, is_trainable, allow_nonfinite=allow_nonfinite, **kwargs
             )

@@ -122,6 +122,17 @@ class LycorisModule:
             return 1.0
         return self.alpha / self.r
 
+    @property
+    def load_rank_alpha(self) -> tuple[int, float]:
+        """``(r, alpha)`` as a load reads them (the PEFT config of :func:`lycoris_to_peft`): a missing or
+        zero alpha means ``alpha = r``; a full LoKr module is every factor full under PEFT's rule,
+        ``r = max(a, b, c, d)``, with ``alpha = r`` (scale 1, as lycoris-lora ignores its alpha)."""
+        if self.full:
+            (a, c), (b, d) = self.shapes["lokr_w1"], self.shapes["lokr_w2"][:2]
+            r = max(a, b, c, d)
+            return r, float(r)
+        return self.r, self.alpha if self.alpha else float(self.r)
+
 
 @dataclass
 class LycorisFile:
@@ -192,9 +203,22 @@ def _check_module(path: str, name: str, peft_type: str, f: Mapping[str, tuple[in
         raise CheckpointError(path, f"module {name!r}: factor shapes {dict(sorted(f.items()))} do not fit together")
 
 
-def read_lycoris(path: str | os.PathLike) -> LycorisFile:
+def _check_finite(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+    """A ``CheckpointError`` naming the keys that hold NaN or ±inf, as a PEFT load refuses them."""
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(
+            path,
+            f"non-finite values (NaN or inf) in {bad[:5]}{more}; the adapter is unusable as it is: "
+            "repair or re-export it (allow_nonfinite=True reads it anyway)",
+        )
+
+
+def read_lycoris(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> LycorisFile:
     """Read and validate a LyCORIS file: every key is ``<module>.<factor>`` or ``<module>.alpha``,
-    each module one LoHa or LoKr factor set; anything else is a ``CheckpointError`` naming it."""
+    each module one LoHa or LoKr factor set, finite unless ``allow_nonfinite``; anything else is a
+    ``CheckpointError`` naming it."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise CheckpointError(path, "is a directory; a LyCORIS adapter is one .safetensors file")
@@ -218,6 +242,8 @@ def read_lycoris(path: str | os.PathLike) -> LycorisFile:
         if value is not None and not np.isfinite(value):
             raise CheckpointError(path, f"{name}.alpha: not finite ({value})")
         modules[name] = LycorisModule(name, peft_type, entries, value)
+    if not allow_nonfinite:
+        _check_finite(path, {f"{name}.{k}": v for name, m in modules.items() for k, v in m.factors.items()})
     return LycorisFile(path, modules, metadata)
 
 
@@ -339,13 +365,7 @@ def lycoris_to_peft(
             if core in factors and factors[core].ndim == 3:  # Conv1d: LyCORIS (r, r, k), PEFT (r, r, k, 1)
                 factors[core] = factors[core][..., None]
         _check_representable(f"{source.path}: {name} ({path})", peft_type, module.shapes)
-        if module.full:
-            (a, c), (b, d) = factors["lokr_w1"].shape, factors["lokr_w2"].shape[:2]
-            r = max(a, b, c, d)  # every factor full under PEFT's rule; alpha = r: scale 1, as lycoris-lora
-            alpha: float = r
-        else:
-            r = module.r
-            alpha = module.alpha if module.alpha else r
+        r, alpha = module.load_rank_alpha
         entries.append((path, factors, r, _int_if_integral(alpha)))
     r0 = Counter(e[2] for e in entries).most_common(1)[0][0]
     a0 = Counter(e[3] for e in entries).most_common(1)[0][0]
@@ -446,10 +466,14 @@ def peft_to_lycoris(
     return out, metadata
 
 
-def read_peft(directory: str | os.PathLike) -> tuple[LycorisConfig, dict[str, np.ndarray]]:
-    """A PEFT adapter directory's config and tensors (validated, numpy)."""
+def read_peft(
+    directory: str | os.PathLike, *, allow_nonfinite: bool = False
+) -> tuple[LycorisConfig, dict[str, np.ndarray]]:
+    """A PEFT adapter directory's config and tensors (validated, numpy; finite unless ``allow_nonfinite``)."""
     files = read_adapter_files(directory)
     tensors, _ = load_safetensors(files.weights)
+    if not allow_nonfinite:
+        _check_finite(files.weights, tensors)
     return files.config, tensors
 
 
@@ -464,10 +488,12 @@ def as_peft_directory(
     module_names: Iterable[str] | Mapping[str, LayerShape],
     *,
     prefix: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Iterator[str]:
     """A LyCORIS file as a temporary PEFT adapter directory for the model with ``module_names``, for
     any front end's ``from_pretrained`` (every check of a PEFT load then applies)."""
-    source = source if isinstance(source, LycorisFile) else read_lycoris(source)
+    if not isinstance(source, LycorisFile):
+        source = read_lycoris(source, allow_nonfinite=allow_nonfinite)
     config, tensors = lycoris_to_peft(source, module_names, prefix=prefix)
     with tempfile.TemporaryDirectory() as directory:
         write_peft(directory, config, tensors)
@@ -486,6 +512,7 @@ def save_through_peft(
     non-default adapter in ``directory/<adapter_name>/``), crash-safely."""
     with tempfile.TemporaryDirectory() as directory:
         save_pretrained(directory)
-        config, tensors = read_peft(os.path.join(directory, "" if adapter_name == "default" else adapter_name))
+        subdirectory = os.path.join(directory, "" if adapter_name == "default" else adapter_name)
+        config, tensors = read_peft(subdirectory, allow_nonfinite=True)  # written as the adapter holds it
     out, metadata = peft_to_lycoris(config, tensors, prefix=prefix, layers=layers, where=adapter_name)
     save_lycoris(path, out, metadata)

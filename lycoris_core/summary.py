@@ -39,7 +39,9 @@ def _row(module: str, peft_type: str, shapes: dict, dtypes: dict, r: Any, alpha:
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """``{"path", "format" ("peft"/"lycoris"), "method", "modules": [row...], "params", "bytes"}``;
-    a row holds module, method, r, alpha, scale, params, bytes, dtypes and factor shapes."""
+    a row holds module, method, r, alpha, scale, params, bytes, dtypes and factor shapes. ``r`` and
+    ``alpha`` are those a load uses (for a LyCORIS file: ``LycorisModule.load_rank_alpha``), so
+    ``scale == alpha / r`` on every row."""
     path = os.fspath(path)
     rows = []
     if os.path.isdir(path):
@@ -54,10 +56,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             rows.append(_row(module, config.peft_type, shapes, dtypes, r, alpha, alpha / r))
         fmt, methods = "peft", {config.peft_type}
     else:
-        source = read_lycoris(path)
+        source = read_lycoris(path, allow_nonfinite=True)  # what it holds, NaN or not
         for name, m in source.modules.items():
             dtypes = {k: SAFETENSORS_DTYPES[v.dtype] for k, v in m.factors.items()}
-            rows.append(_row(name, m.peft_type, m.shapes, dtypes, m.r, m.alpha, m.scale))
+            r, alpha = m.load_rank_alpha  # what a load uses, not the file's alpha as it stands
+            rows.append(_row(name, m.peft_type, m.shapes, dtypes, r, alpha, m.scale))
         fmt, methods = "lycoris", {m.peft_type for m in source.modules.values()}
     return {
         "path": path,

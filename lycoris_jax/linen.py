@@ -451,5 +451,6 @@ def from_lycoris(
     """``(wrapped module, factors collection)`` from a LyCORIS/kohya single file; names resolve against
     ``params`` (``prefix``: the file's, found when not given); ``kwargs`` as in :func:`from_pretrained`."""
     names = pytree.module_names(params, rename=kwargs.get("rename"), stacks=kwargs.get("stacks", ()))
-    with kohya.as_peft_directory(path, names, prefix=prefix) as directory:
+    allow = kwargs.get("allow_nonfinite", False)
+    with kohya.as_peft_directory(path, names, prefix=prefix, allow_nonfinite=allow) as directory:
         return from_pretrained(directory, module, params, **kwargs)

@@ -569,7 +569,8 @@ def from_lycoris(path: str | os.PathLike, params: Any, *, prefix: str | None = N
     :func:`module_names` (``prefix``: the file's, found when not given); ``kwargs`` as in
     :func:`from_pretrained`."""
     names = module_names(params, rename=kwargs.get("rename"), stacks=kwargs.get("stacks", ()))
-    with kohya.as_peft_directory(path, names, prefix=prefix) as directory:
+    allow = kwargs.get("allow_nonfinite", False)
+    with kohya.as_peft_directory(path, names, prefix=prefix, allow_nonfinite=allow) as directory:
         return from_pretrained(directory, params, **kwargs)
 
 

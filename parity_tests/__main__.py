@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("directory")
         return run_check(parser.parse_args(argv[1:]).directory)
     parser = argparse.ArgumentParser(prog="parity_tests", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a small subset (under 2 minutes on 2 cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small subset (16 cases) in about 2 minutes on 2 CPU cores"
+    )
     parser.add_argument("--out", default="parity_report", help="directory for parity_report.md/.json")
     parser.add_argument("-k", dest="keyword", default=None, help="only cases whose id contains this")
     args = parser.parse_args(argv)

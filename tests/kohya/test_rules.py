@@ -103,6 +103,33 @@ def test_a_damaged_or_foreign_file_is_a_checkpoint_error(tmp_path):
         kohya.read_lycoris(path)
 
 
+def test_nonfinite_factors_are_refused_naming_the_file_unless_allowed(tmp_path):
+    net = network(torch_model(), "lokr", {"linear_dim": 2, "linear_alpha": 1.0}, CONV1D)
+    path = _save(net, tmp_path / "f.safetensors")
+    source = kohya.read_lycoris(path)
+    key = "lycoris_mlp_head.lokr_w1"
+    tensors = {f"{n}.{k}": v for n, m in source.modules.items() for k, v in m.factors.items()}
+    tensors |= {f"{n}.alpha": np.asarray(m.alpha, np.float32) for n, m in source.modules.items()}
+    tensors[key] = tensors[key].copy()
+    tensors[key].flat[0] = np.nan
+    save_safetensors(path, tensors)
+    match = rf"^{path}: non-finite values \(NaN or inf\) in \['{key}'\]"
+    with pytest.raises(CheckpointError, match=match):
+        kohya.read_lycoris(path)
+    with pytest.raises(CheckpointError, match=match):  # the file itself, not a temporary PEFT directory
+        lt.LycorisTuner.from_lycoris(torch_model(), path)
+    assert np.isnan(kohya.read_lycoris(path, allow_nonfinite=True).modules["lycoris_mlp_head"].factors["lokr_w1"]).any()
+    lt.LycorisTuner.from_lycoris(torch_model(), path, allow_nonfinite=True)
+    names = [n for n, _ in torch_model().named_modules()]
+    config, peft = kohya.lycoris_to_peft(kohya.read_lycoris(path, allow_nonfinite=True), names)
+    kohya.write_peft(tmp_path / "peft", config, peft)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'peft'}/adapter_model.safetensors: non-finite"):
+        kohya.read_peft(tmp_path / "peft")
+    assert np.isnan(
+        kohya.read_peft(tmp_path / "peft", allow_nonfinite=True)[1]["base_model.model.mlp.head.lokr_w1"]
+    ).any()
+
+
 @pytest.mark.parametrize(
     "tensors",
     [

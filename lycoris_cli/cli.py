@@ -1,10 +1,11 @@
-"""The ``lycoris-jax`` command (``python -m lycoris_jax``).
+"""The ``lycoris-jax`` command (``python -m lycoris_cli``).
 
 Subcommands: ``demo`` (fine-tune and cross-load, the README's main job), ``convert`` (PEFT
 directory <-> LyCORIS/kohya file), ``check`` (validate an adapter and compare the frameworks on it),
 ``inspect`` (what an adapter holds, as a table or ``--json``). ``--help`` on each.
 
-Exit codes: 0 ok, 1 failed (``check``: the frameworks disagree), 2 unusable input or bad usage.
+Exit codes: 0 ok, 1 failed (``check``: the frameworks disagree), 2 unusable input or bad usage,
+141 the reader of the output went away (``... | head``), quietly, as a program killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -64,11 +65,33 @@ def model_modules(spec: str) -> Any:
     raise ValueError(f"--model {spec!r}: no such file or directory")
 
 
+def _check_destination(source: str, destination: str, force: bool) -> None:
+    """Refuse a destination that is, holds or lies inside the source (``--force`` or not), and an
+    existing one (an empty directory aside) without ``--force``."""
+    src, dst = os.path.realpath(source), os.path.realpath(destination)
+    if src == dst or (os.path.exists(dst) and os.path.samefile(src, dst)):
+        raise ValueError(f"{destination!r}: is the source itself; choose another destination")
+    if os.path.commonpath([src, dst]) == src:
+        raise ValueError(
+            f"{destination!r}: lies inside the source {source!r}, whose adapter it could replace; "
+            "choose a destination outside it"
+        )
+    if os.path.commonpath([src, dst]) == dst:
+        raise ValueError(
+            f"{destination!r}: holds the source {source!r}, which writing there could replace; "
+            "choose another destination"
+        )
+    if os.path.exists(dst) and not force and not (os.path.isdir(dst) and not os.listdir(dst)):
+        what = "a directory" if os.path.isdir(dst) else "a file"
+        raise ValueError(f"{destination!r}: exists ({what}); pass --force to replace it, or choose another destination")
+
+
 def _convert(args: argparse.Namespace) -> int:
     from lycoris_core import kohya
 
     if not os.path.exists(args.source):
         raise ValueError(f"{args.source!r}: no such file or directory")
+    _check_destination(args.source, args.destination, args.force)
     layers = model_modules(args.model) if args.model else None
     if os.path.isdir(args.source):
         config, tensors = kohya.read_peft(args.source)
@@ -117,10 +140,8 @@ def _inspect(args: argparse.Namespace) -> int:
     head = f"{'module':<44} {'method':<6} {'r':>4} {'alpha':>8} {'scale':>8} {'params':>10} {'bytes':>11}  dtypes"
     print(head)
     for row in info["modules"]:
-        r = "-" if row["r"] is None else row["r"]
-        alpha = "-" if row["alpha"] is None else f"{row['alpha']:g}"
         print(
-            f"{row['module']:<44} {row['method']:<6} {r:>4} {alpha:>8} {row['scale']:>8.4g} "
+            f"{row['module']:<44} {row['method']:<6} {row['r']:>4} {row['alpha']:>8g} {row['scale']:>8.4g} "
             f"{row['params']:>10,} {row['bytes']:>11,}  {','.join(row['dtypes'])}"
         )
     print(f"total: {info['params']:,} parameters, {info['bytes']:,} bytes")
@@ -128,17 +149,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lycoris_jax import demo
+    from lycoris_cli import demo
 
     parser = argparse.ArgumentParser(
         prog="lycoris-jax",
         description="LyCORIS adapters (LoHa, LoKr) for JAX/Flax, with PEFT's and LyCORIS/kohya's files.",
-        epilog="exit codes: 0 ok, 1 failed, 2 unusable input or bad usage",
+        epilog="exit codes: 0 ok, 1 failed, 2 unusable input or bad usage, 141 output pipe closed",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "demo",
-        help="fine-tune LoKr/LoHa on a transformers Flax Llama and load the result in PEFT and lycoris_torch",
+        help="fine-tune LoKr/LoHa on a transformers Flax Llama (or a local Llama, Gemma or Mistral checkpoint) and "
+        "load the result in PEFT and lycoris_torch",
         description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -148,12 +170,18 @@ def _parser() -> argparse.ArgumentParser:
         help="PEFT adapter directory <-> LyCORIS/kohya single .safetensors file",
         description="Convert a PEFT LoHa/LoKr directory to a LyCORIS/kohya file (SOURCE a directory), or a "
         "LyCORIS file to a PEFT directory (SOURCE a file; needs --model). Both compute what the source computes; "
-        "see README, 'LyCORIS and kohya files'.",
+        "see README, 'LyCORIS and kohya files'. An existing destination is replaced only with --force; factors with NaN or "
+        "inf are refused.",
     )
     p.add_argument("source", help="a PEFT adapter directory, or a LyCORIS .safetensors file")
     p.add_argument("destination", help="the LyCORIS file to write, or the PEFT directory to write")
     p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--prefix", help="the LyCORIS name prefix: written (default 'lycoris'), or read (default: found)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing destination (never the source, a path inside it or one that holds it)",
+    )
     p = commands.add_parser(
         "check",
         help="validate an adapter and compare lycoris_jax, lycoris_torch and PEFT on it",
@@ -173,13 +201,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lycoris_jax import demo
+    from lycoris_cli import demo
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     run = {"demo": demo.run, "convert": _convert, "check": _check, "inspect": _inspect}[args.command]
     unusable = (ValueError, OSError) if args.command == "demo" else (ValueError, TypeError, OSError)
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # ``lycoris-jax inspect ... | head``: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit's own flush must not fail again
+        os.close(devnull)
+        return 141
     except unusable as err:  # unusable input: one line, no traceback
         print(f"lycoris-jax {args.command}: {err}", file=sys.stderr)
         return 2

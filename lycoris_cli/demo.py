@@ -1,7 +1,8 @@
 """``lycoris-jax demo``: fine-tune a LyCORIS adapter on a transformers Flax Llama, then load it in PyTorch.
 
 1. Build ``LlamaForCausalLM`` from a small config (random weights, seeded) and the Flax
-   ``FlaxLlamaForCausalLM`` holding the same weights (or load both from ``--model PATH``).
+   ``FlaxLlamaForCausalLM`` holding the same weights (or load both from ``--model PATH``, a local
+   Llama, Gemma or Mistral checkpoint).
 2. Train a LoKr (or LoHa) adapter with the params-pytree API under ``jax.jit`` (optax Adam) on
    Shakespeare's sonnets shipped with the package, as byte-level tokens (no download).
 3. Save PEFT's files, load them with real PEFT and with ``lycoris_torch`` onto the torch model, and
@@ -14,6 +15,8 @@ Exits 1 if the loss does not fall or any framework disagrees beyond the toleranc
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import time
@@ -29,6 +32,10 @@ __all__ = ["add_arguments", "main", "run"]
 #: Largest logit difference accepted between frameworks (fp32; logits of magnitude ~1-10).
 TOLERANCE = 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Tokens per training sequence (batches of 8) and per evaluation sequence (2): the positions the demo uses.
+LENGTH, EVAL_LENGTH = 64, 32
+#: ``model_type`` of the checkpoints ``--model`` takes, and their names.
+MODEL_TYPES = {"llama": "Llama", "gemma": "Gemma", "mistral": "Mistral"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +46,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="a local transformers Llama/Gemma checkpoint directory (torch weights are converted); "
-        "default: a small random Llama",
+        help="a local transformers Llama, Gemma or Mistral checkpoint directory (config.json and torch or Flax "
+        "weights; torch weights are converted); default: a small random Llama",
     )
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse unusable arguments (``ValueError``, one line) before anything heavy is imported or built."""
+    for flag, value in (("--steps", args.steps), ("--rank", args.rank)):
+        if value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a positive finite learning rate, got {args.lr}")
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r}: exists and is not a directory; name a directory for the results")
+    if args.model is not None:
+        _check_model_directory(args.model)
+
+
+def _check_model_directory(path: str) -> None:
+    """A directory with a config.json whose ``model_type`` is one of :data:`MODEL_TYPES`."""
+    expected = "a local transformers Llama, Gemma or Mistral checkpoint directory"
+    if not os.path.isdir(path):
+        what = "a file" if os.path.exists(path) else "no such directory"
+        raise ValueError(f"--model {path!r}: expected {expected}, got {what}")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"--model {path!r}: config.json is missing (expected {expected}: config.json and weights)")
+    try:
+        with open(config, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (ValueError, OSError) as err:  # not JSON, not UTF-8, unreadable
+        raise ValueError(f"--model {config!r}: cannot read it: {type(err).__name__}: {err}") from None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"--model {path!r}: expected a Llama, Gemma or Mistral checkpoint, got model_type {model_type!r} in config.json"
+        )
+
+
+def cap_positions(config: Any, length: int = LENGTH) -> str | None:
+    """Lower ``config.max_position_embeddings`` in place to what the demo needs; the note to print, or None.
+
+    transformers' Flax Llama, Gemma and Mistral build a ``max_position_embeddings``² causal mask at
+    init (131,072 in Mistral's default config: 16 GiB) and slice their rotary table's last axis to
+    ``max_position_embeddings`` (so it stays at least ``2 * head_dim``). Below the cap every position
+    computes what it did before; no weight depends on it.
+    """
+    head_dim = max(getattr(config, "head_dim", None) or 0, config.hidden_size // config.num_attention_heads)
+    cap = max(length, 2 * head_dim)
+    before = config.max_position_embeddings
+    if before <= cap:
+        return None
+    config.max_position_embeddings = cap
+    return (
+        f"max_position_embeddings {before:,} -> {cap} for the Flax model: the demo's sequences are {length} tokens "
+        f"and transformers' Flax model would build a {before:,}² causal mask ({before**2 / 2**30:.3g} GiB) at init; "
+        "outputs at these positions are unchanged"
+    )
 
 
 @dataclass
@@ -53,6 +117,7 @@ class Models:
     params: Any
     vocab: int
     tokenize: Any
+    name: str  # the Flax architecture, e.g. FlaxGemmaForCausalLM
 
 
 def _small_llama(seed: int) -> Models:
@@ -79,17 +144,19 @@ def _small_llama(seed: int) -> Models:
         model.load_state_dict(state)
         return model
 
-    return Models(torch_model, flax_model, params, 256, lambda text: np.frombuffer(text.encode(), np.uint8))
+    tokenize = lambda text: np.frombuffer(text.encode(), np.uint8)  # noqa: E731
+    return Models(torch_model, flax_model, params, 256, tokenize, type(flax_model).__name__)
 
 
 def _local_model(path: str) -> Models:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, FlaxAutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in ("llama", "gemma", "mistral"):
-        raise ValueError(f"--model {path}: expected a Llama, Gemma or Mistral checkpoint, got {config.model_type!r}")
+    config = AutoConfig.from_pretrained(path)  # check_arguments has seen config.json and its model_type
+    note = cap_positions(config)
+    if note:
+        print(note)
     has_flax = os.path.isfile(os.path.join(path, "flax_model.msgpack"))
-    flax_model = FlaxAutoModelForCausalLM.from_pretrained(path, from_pt=not has_flax)
+    flax_model = FlaxAutoModelForCausalLM.from_pretrained(path, config=config, from_pt=not has_flax)
     if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenize = lambda text: np.asarray(tokenizer(text)["input_ids"])  # noqa: E731
@@ -101,6 +168,7 @@ def _local_model(path: str) -> Models:
         flax_model.params,
         config.vocab_size,
         tokenize,
+        type(flax_model).__name__,
     )
 
 
@@ -110,6 +178,7 @@ def _batches(tokens: np.ndarray, batch: int, length: int, rng: np.random.Generat
 
 
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     import jax
     import jax.numpy as jnp
     import optax
@@ -122,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     models = _local_model(args.model) if args.model else _small_llama(args.seed)
-    text = resources.files("lycoris_jax").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
+    text = resources.files("lycoris_cli").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
     tokens = models.tokenize(text)
     config_cls = lj.LoKrConfig if args.method == "lokr" else lj.LoHaConfig
     # The output projection too, unless it is tied to the embeddings (Gemma): then Flax has no kernel
@@ -134,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     n_factors = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(adapter))
     n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
     print(
-        f"{args.method} r={args.rank} on {len(adapter.factors)} projections: {n_factors:,} trainable parameters "
+        f"{args.method} r={args.rank} on {len(adapter.factors)} projections of {models.name}: "
+        f"{n_factors:,} trainable parameters "
         f"({100 * n_factors / n_base:.2f}% of {n_base:,}); {len(tokens):,} tokens of Shakespeare"
     )
 
@@ -155,21 +225,25 @@ def run(args: argparse.Namespace) -> int:
     losses: list[float] = []
     bar = tqdm(range(args.steps), desc=f"training {args.method}", unit="step", file=sys.stderr, mininterval=1.0)
     for _ in bar:
-        adapter, opt_state, value = step(adapter, opt_state, jnp.asarray(_batches(tokens, 8, 64, rng)))
+        adapter, opt_state, value = step(adapter, opt_state, jnp.asarray(_batches(tokens, 8, LENGTH, rng)))
         losses.append(float(value))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     train_time = time.perf_counter() - start
     window = max(1, min(10, len(losses) // 4))
     first, last = float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
-    print(f"loss {first:.3f} -> {last:.3f} over {args.steps} jitted steps")
+    steps = "step" if window == 1 else f"{window} steps"
+    print(
+        f"loss {first:.3f} -> {last:.3f} (mean of the first {steps} -> mean of the last {steps}) "
+        f"over {args.steps} jitted steps"
+    )
 
     os.makedirs(args.out, exist_ok=True)
     adapter_dir = os.path.join(args.out, "adapter")
     pytree.save_pretrained(adapter, adapter_dir)
-    _plot(losses, os.path.join(args.out, "loss.png"), f"{args.method} r={args.rank} on FlaxLlama")
+    _plot(losses, os.path.join(args.out, "loss.png"), f"{args.method} r={args.rank} on {models.name}")
 
-    ids = _batches(tokens, 2, 32, np.random.default_rng(args.seed + 1))
+    ids = _batches(tokens, 2, EVAL_LENGTH, np.random.default_rng(args.seed + 1))
     expected = np.asarray(model(jnp.asarray(ids), params=pytree.merge(params, adapter)).logits)
     mask, positions = jnp.ones(ids.shape, jnp.int32), jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     adapted, lycoris = linen.from_pretrained(adapter_dir, model.module, params)

@@ -1,5 +1,0 @@
-"""``python -m lycoris_jax`` is the ``lycoris-jax`` command."""
-
-from lycoris_jax.cli import main
-
-raise SystemExit(main())
