@@ -96,9 +96,15 @@ for _dtype, _ulp in _ULP.items():
     )
     _BASE_OUT = Tolerance(
         1.0,
-        3 * _ulp,
+        4 * _ulp,
         f"{_dtype} branch (branch_dtype='base'): ΔW, the branch's sum and its output are rounded to {_dtype} too, "
-        f"roundings PEFT's fp32 branch does not make: 3 {_dtype} ulp (measured: 1.2 bf16 / 1.4 fp16 ulp).",
+        f"roundings PEFT's fp32 branch does not make: 4 {_dtype} ulp (measured: 1.2 bf16 / 2.0 fp16 ulp).",
+    )
+    _PYTREE_OUT = Tolerance(
+        1.0,
+        2 * _ulp,
+        f"{_dtype} pytree outputs: pytree.merge rounds W + ΔW to {_dtype} (PEFT's merge does, its unmerged forward "
+        f"does not), one more rounding before the model's: 2 {_dtype} ulp (measured: 0.8 bf16 / 1.0 fp16 ulp).",
     )
     _BASE_GRAD = Tolerance(
         1.0,
@@ -119,7 +125,9 @@ for _dtype, _ulp in _ULP.items():
         TOLERANCES[(f"{_dtype}+branch_base", _op, "f64")] = {"grad": _BASE_GRAD}.get(
             _op, _out if _out is _DELTA else _BASE_OUT
         )
-        TOLERANCES[(f"{_dtype}+pytree", _op, "f64")] = {"grad": _PYTREE_GRAD}.get(_op, _out)
+        TOLERANCES[(f"{_dtype}+pytree", _op, "f64")] = {"grad": _PYTREE_GRAD}.get(
+            _op, _out if _out is _DELTA else _PYTREE_OUT
+        )
 for _op in MATRIX_OPS:
     _out = {"delta_weight": _DELTA, "rank_dropout_mask": _DELTA, "grad": _FP32_GRAD}.get(_op, _FP32_OUT)
     for _mode in ("", "+peft", "+merged", "+factored", "+pytree"):
