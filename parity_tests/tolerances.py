@@ -8,7 +8,8 @@ or an oracle dtype; ``against`` says what the value is compared with:
   largest reference magnitude. It holds for any input scale: long sums of large terms make PEFT's
   own error large, and ours is allowed a fixed multiple of it, not a fixed number.
 - ``"peft"``: PEFT itself in the case's dtype, where bit-identical arithmetic is claimed (the
-  ``"peft"`` forward path); ``"exact"``: an exact value (zero ΔW, a weight a refused merge left alone).
+  ``"peft"`` forward path; ``check`` compares each module's ΔW with PEFT's); ``"exact"``: an exact
+  value (zero ΔW, a weight a refused merge left alone).
 - ``"oracle"`` / ``"oracle_jax"``: the PEFT oracle tests' direct comparisons with PEFT
   (``max|ours - PEFT| <= floor · max|PEFT|``).
 """
@@ -144,6 +145,14 @@ for _row in {key[0] for key in TOLERANCES}:
     if _row.endswith("+peft"):
         for _op in MATRIX_OPS:
             TOLERANCES[(_row, _op, "peft")] = _BIT_IDENTICAL
+
+# ------------------------------------------------------------------------------- ``python -m parity_tests check``
+TOLERANCES[("fp32", "check", "peft")] = Tolerance(
+    0.0,
+    2e-6,
+    "check DIR: each module's ΔW rebuilt by lycoris_torch, lycoris_jax and PEFT from the same fp32 factors, "
+    "relative to max|ΔW|: the same products, r-term sums in different orders.",
+)
 
 # ------------------------------------------------------------------------------- the torch oracle, against PEFT
 # ``tests/torch/test_peft_oracle.py``: lycoris_torch on forward_path="peft" against PEFT 0.21.2, one layer.
