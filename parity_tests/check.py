@@ -23,6 +23,7 @@ from lycoris_core.errors import CheckpointError
 from lycoris_core.files import check_factor_dtypes, read_adapter_files
 from lycoris_core.plan import plan_from_factors
 from lycoris_core.state import modules_to_save_key
+from parity_tests.tolerances import tolerance
 
 __all__ = ["CheckReport", "ModuleCheck", "check_directory"]
 
@@ -40,7 +41,7 @@ class ModuleCheck:
 
     @property
     def passed(self) -> bool:
-        tol = 2e-6 * max(self.norm, 1e-30)
+        tol = tolerance("fp32", "check", "peft").floor * max(self.norm, 1e-30)
         return self.jax_vs_torch <= tol and (self.torch_vs_peft is None or self.torch_vs_peft <= tol)
 
 

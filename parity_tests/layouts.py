@@ -12,14 +12,27 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["channels_first", "channels_last", "load_torch_state_into_nnx", "torch_to_flax_kernel"]
+__all__ = [
+    "channels_first",
+    "channels_last",
+    "flax_to_torch_kernel",
+    "load_torch_state_into_nnx",
+    "torch_to_flax_kernel",
+]
 
 
 def torch_to_flax_kernel(weight: np.ndarray) -> np.ndarray:
-    """``(out, in)`` -> ``(in, out)``; ``(out, in/g, *k)`` -> ``(*k, in/g, out)`` (``lycoris_jax``'s rule)."""
-    from lycoris_jax.functional import to_flax_kernel
+    """``(out, in)`` -> ``(in, out)``; ``(out, in/g, *k)`` -> ``(*k, in/g, out)`` (Flax's layout; written
+    here, not taken from ``lycoris_jax``, so that a layout bug there cannot hide in both columns)."""
+    weight = np.asarray(weight)
+    return weight.transpose((*range(2, weight.ndim), 1, 0))
 
-    return to_flax_kernel(np.asarray(weight))
+
+def flax_to_torch_kernel(kernel: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`torch_to_flax_kernel`."""
+    kernel = np.asarray(kernel)
+    n = kernel.ndim
+    return kernel.transpose((n - 1, n - 2, *range(n - 2)))
 
 
 def channels_last(x: np.ndarray) -> np.ndarray:

@@ -1,63 +1,79 @@
-"""The parity report: a table (case x operation -> max abs, max rel, pass/fail) as text, Markdown and JSON."""
+"""The parity report: a table (cell -> our worst error against float64, PEFT's own, the bound,
+pass/fail) as text, Markdown and JSON, and the largest errors per tolerance row."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 from lycoris_core._io import atomic_write_text
 from parity_tests.compare import Cell
-from parity_tests.tolerances import TOLERANCES
+from parity_tests.tolerances import tolerance
 
-__all__ = ["summary_by_dtype_op", "write_report"]
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.2e}"
+__all__ = ["summary_by_row_op", "text_table", "write_report"]
 
 
-def summary_by_dtype_op(cells: Sequence[Cell]) -> dict[str, dict[str, float]]:
-    """Largest measured error per ``dtype/op``."""
-    out: dict[str, dict[str, float]] = defaultdict(lambda: {"max_abs": 0.0, "max_rel": 0.0, "cells": 0})
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def summary_by_row_op(cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:
+    """Per ``row/op``: the worst error of ours against float64 and of PEFT's own, the largest ratio
+    ours / PEFT's (where PEFT's error is not zero), the largest excess over ``k · PEFT's``, the worst cell."""
+    out: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"cells": 0, "max_rel": 0.0, "max_peft_rel": 0.0, "max_ratio": 0.0, "max_excess": 0.0, "worst": ""}
+    )
     for c in cells:
-        row = out[f"{c.dtype}/{c.op}"]
-        row["max_abs"] = max(row["max_abs"], c.max_abs)
-        row["max_rel"] = max(row["max_rel"], c.max_rel)
+        row = out[f"{c.row}/{c.op}"]
         row["cells"] += 1
+        tol = tolerance(c.row, c.op, "f64")
+        for chk in c.checks:
+            if chk.peft_rel is None:
+                continue
+            if chk.rel > row["max_rel"]:
+                row["max_rel"], row["worst"] = chk.rel, f"{c.case}: {chk.label}"
+            row["max_peft_rel"] = max(row["max_peft_rel"], chk.peft_rel)
+            if chk.peft_rel > 0 and math.isfinite(chk.rel):
+                row["max_ratio"] = max(row["max_ratio"], chk.rel / chk.peft_rel)
+            row["max_excess"] = max(row["max_excess"], chk.rel - tol.k * chk.peft_rel)
     return dict(sorted(out.items()))
 
 
 def markdown(cells: Sequence[Cell], skipped: Sequence[tuple[str, str]]) -> str:
     failed = [c for c in cells if not c.passed]
     lines = [
-        "# Parity report: lycoris_jax vs lycoris_torch vs PEFT",
+        "# Parity report: lycoris_jax (NNX, Linen, pytree) and lycoris_torch vs PEFT",
         "",
-        f"{len(cells)} cells, {len(cells) - len(failed)} passed, {len(failed)} failed. "
-        "Errors are the worst over the column pairs (jax-torch, torch-peft, save/load directions); "
-        "relative errors are relative to the largest reference magnitude.",
+        f"{len(cells)} cells, {len(cells) - len(failed)} passed, {len(failed)} failed. Each cell's error is the "
+        "worst relative error (to the largest reference magnitude) over its checks against PEFT's arithmetic in "
+        "float64; 'PEFT' is PEFT's own error at that check, 'allowed' its bound (k · PEFT's + floor).",
         "",
-        "| case | operation | max abs | max rel | result | where / note |",
-        "|---|---|---|---|---|---|",
+        "| case | operation | ours vs f64 | PEFT vs f64 | allowed | result | where / note |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in cells:
+        note = " ".join([c.where, *c.failures, c.note]).strip().replace("|", "\\|")
         lines.append(
-            f"| {c.case} | {c.op} | {_fmt(c.max_abs)} | {_fmt(c.max_rel)} | {'pass' if c.passed else '**FAIL**'} | "
-            f"{(c.where + ' ' + c.note).strip()} |"
+            f"| {c.case} | {c.op} | {_fmt(c.max_rel)} | {_fmt(c.peft_rel)} | {_fmt(c.allowed)} | "
+            f"{'pass' if c.passed else '**FAIL**'} | {note} |"
         )
     lines += [
         "",
-        "## Largest error per (dtype, operation)",
+        "## Largest errors per (row, operation)",
         "",
-        "| dtype/op | cells | max abs | max rel | tolerance | why |",
-        "|---|---|---|---|---|---|",
+        "| row/op | cells | ours vs f64 | PEFT vs f64 | ours / PEFT | ours - k·PEFT | k | floor | why |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, row in summary_by_dtype_op(cells).items():
+    for key, row in summary_by_row_op(cells).items():
         dtype, op = key.split("/")
-        tol = TOLERANCES[(dtype, op)]
+        tol = tolerance(dtype, op, "f64")
         lines.append(
-            f"| {key} | {row['cells']} | {_fmt(row['max_abs'])} | {_fmt(row['max_rel'])} | atol {tol.atol:g} + rtol {tol.rtol:g} | {tol.why} |"
+            f"| {key} | {row['cells']} | {_fmt(row['max_rel'])} | {_fmt(row['max_peft_rel'])} | "
+            f"{row['max_ratio']:.2f} | {_fmt(row['max_excess'])} | {tol.k:g} | {tol.floor:.2e} | {tol.why} |"
         )
     lines += ["", "## Combinations left out", "", "| case | reason |", "|---|---|"]
     lines += [f"| {cid} | {reason} |" for cid, reason in skipped]
@@ -66,10 +82,15 @@ def markdown(cells: Sequence[Cell], skipped: Sequence[tuple[str, str]]) -> str:
 
 def text_table(cells: Sequence[Cell]) -> str:
     width = max((len(c.case) for c in cells), default=10)
-    rows = [f"{'case':<{width}}  {'operation':<18} {'max abs':>9} {'max rel':>9}  result"]
+    rows = [f"{'case':<{width}}  {'operation':<18} {'ours/f64':>9} {'PEFT/f64':>9} {'allowed':>9}  result"]
     for c in cells:
+        result = (
+            "pass"
+            if c.passed
+            else "FAIL " + "; ".join([*(f"{k.label} {k.rel:.2e}" for k in c.failed_checks()), *c.failures])
+        )
         rows.append(
-            f"{c.case:<{width}}  {c.op:<18} {_fmt(c.max_abs):>9} {_fmt(c.max_rel):>9}  {'pass' if c.passed else 'FAIL ' + c.note.strip()}"
+            f"{c.case:<{width}}  {c.op:<18} {_fmt(c.max_rel):>9} {_fmt(c.peft_rel):>9} {_fmt(c.allowed):>9}  {result}"
         )
     return "\n".join(rows)
 
@@ -81,7 +102,7 @@ def write_report(cells: Sequence[Cell], skipped: Sequence[tuple[str, str]], out_
     atomic_write_text(md_path, markdown(cells, skipped))
     payload = {
         "cells": [c.as_dict() for c in cells],
-        "summary": summary_by_dtype_op(cells),
+        "summary": summary_by_row_op(cells),
         "skipped": [{"case": cid, "reason": reason} for cid, reason in skipped],
         "passed": all(c.passed for c in cells),
     }

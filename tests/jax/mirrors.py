@@ -35,7 +35,8 @@ class NnxMLP(nnx.Module):
 
 
 class TorchConv(nn.Module):
-    """``c1`` Conv1d k=3 (pad 1), ``c1p`` Conv1d k=1, ``c2`` Conv2d 3x3, ``c2g`` grouped 3x5 (groups=3)."""
+    """``c1`` Conv1d k=3 (pad 1), ``c1p`` Conv1d k=1, ``c2`` Conv2d 3x3, ``c2g`` grouped 3x5 (groups=3);
+    returns per-channel sums ``(N, 6 + 24)``, so a permutation of output channels is visible."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,7 +48,7 @@ class TorchConv(nn.Module):
     def forward(self, seq, img):
         a = self.c1p(torch.relu(self.c1(seq)))
         b = self.c2g(torch.relu(self.c2(img)))
-        return a.mean((1, 2)) + b.mean((1, 2, 3))
+        return torch.cat([a.sum(2), b.sum((2, 3))], 1)
 
 
 class NnxConv(nnx.Module):
@@ -60,7 +61,7 @@ class NnxConv(nnx.Module):
     def __call__(self, seq, img):
         a = self.c1p(jax.nn.relu(self.c1(seq)))
         b = self.c2g(jax.nn.relu(self.c2(img)))
-        return a.mean((1, 2)) + b.mean((1, 2, 3))
+        return jax.numpy.concatenate([a.sum(1), b.sum((1, 2))], -1)
 
 
 def pair(kind: str, seed: int = 0):

@@ -75,8 +75,9 @@ def test_base_compute_dtype_against_peft_and_by_hand(tmp_path, kind):
 
     assert relative(peft_mode(x), expected) <= BF16_ULP
     assert relative(mixed(x), expected) <= 2 * BF16_ULP
-    # by hand: base in bf16, plus x @ bf16(ΔW)ᵀ in bf16
-    delta = layer.get_delta_weight("default").astype(jnp.bfloat16)
+    # by hand: base in bf16, plus x @ bf16(ΔW)ᵀ in bf16, with PEFT's ΔW (not the layer's own)
+    peft_delta = theirs.base_model.model.layers[0].get_delta_weight("default").detach().numpy()
+    delta = jnp.asarray(peft_delta).astype(jnp.bfloat16)
     by_hand = (layer.base_layer(x) + x @ delta.T).astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(mixed(x), np.float32), np.asarray(by_hand, np.float32))
     # the branch matmul (activation-sized output) is bf16, like the base's; ΔW's factors are f32

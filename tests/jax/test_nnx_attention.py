@@ -38,7 +38,7 @@ class NnxAttn(nnx.Module):
 
     def __call__(self, x):
         e = self.einsum(x)
-        return self.attn(x) + e.reshape(*e.shape[:2], -1).sum(-1, keepdims=True)
+        return jax.numpy.concatenate([self.attn(x), e.reshape(*e.shape[:2], -1)], -1)  # every output feature
 
 
 class TorchAttn(nn.Module):
@@ -55,7 +55,7 @@ class TorchAttn(nn.Module):
         q, k, v = (getattr(self.attn, n)(x).view(b, t, H, DH) for n in ("query", "key", "value"))
         weights = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q / math.sqrt(DH), k), dim=-1)
         out = self.attn.out(torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, H * DH))
-        return out + self.einsum(x).sum(-1, keepdim=True)
+        return torch.cat([out, self.einsum(x)], -1)
 
 
 def pair(seed: int = 0):

@@ -20,16 +20,16 @@ PEFT's hand-written backward of LoHa's CP form (``use_effective_conv2d``) is wro
 ``hada_w1_a``/``hada_w2_a``; for those two factors, in modules that use the CP form, the JAX gradients
 are compared with ``lycoris_torch``'s autograd instead. The largest error per (dtype, operation) is
 printed at module teardown (``pytest -s``) and written to ``/tmp/oracle_max_errors_jax.json``.
+
+The cases are ``parity_tests.cases.JAX_ORACLE`` / ``JAX_JIT_ORACLE`` and the tolerances the rows
+``(dtype, op, "oracle_jax")`` of ``parity_tests.tolerances`` (one case table, one tolerance table).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import itertools
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,41 +40,17 @@ import peft
 import pytest
 import torch
 from flax import nnx
-from peft.tuners.lokr.layer import factorization as peft_factorization
 from peft.tuners.lycoris_utils import LycorisLayer as PeftLycorisLayer
 from safetensors.numpy import load_file
 
 import lycoris_jax as lj
 import lycoris_torch as lt
+from parity_tests.cases import JAX_JIT_ORACLE, JAX_ORACLE, Case
+from parity_tests.compare import Check
+from parity_tests.compare import assert_close as check_close
 from parity_tests.layouts import channels_first, channels_last, load_torch_state_into_nnx, torch_to_flax_kernel
+from parity_tests.tolerances import tolerance
 from tests.jax.mirrors import NnxConvWide, NnxMLPWide, TorchConvWide, TorchMLPWide
-
-# --------------------------------------------------------------------------- tolerances
-#: (dtype, operation) -> allowed max |JAX - reference| / max |reference|.
-TOL: dict[tuple[str, str], float] = {
-    ("fp32", "checkpoint"): 0.0,  # factors go through safetensors unchanged, both directions
-    ("fp32", "delta"): 1e-6,  # same ΔW formulas; matmul/einsum/kron summation order may differ
-    ("fp32", "base_forward"): 2e-6,  # base model alone, torch vs NNX mirror: the floor under "forward"
-    ("fp32", "forward"): 2e-6,  # base + delta conv/matmul: XLA vs oneDNN accumulation order, through 2 layers
-    ("fp32", "merge_weight"): 1e-6,  # W + ΔW, one fp32 rounding per element on each side
-    ("fp32", "merge_forward"): 2e-6,  # forward through the merged kernels (accumulation order only)
-    ("fp32", "unmerge_weight"): 1e-6,  # W + ΔW - ΔW vs PEFT's unmerged weight: two roundings each side
-    ("fp32", "unmerge_vs_orig"): 1e-6,  # (W + ΔW) - ΔW vs W, relative to max|W + ΔW|: two fp32 roundings
-    ("fp32", "scale_forward"): 2e-6,  # forward after each scale op (scaling is a Python float on both sides)
-    ("fp32", "load_forward"): 2e-6,  # JAX-created adapter loaded by PEFT: forward as in "forward"
-    ("fp32", "grad"): 1e-5,  # autodiff vs torch autograd: longer reduction chains (loss -> conv -> ΔW -> factor)
-    ("fp32", "jit"): 1e-6,  # nnx.jit vs eager: XLA may fuse/reorder the same fp32 ops
-    ("bf16", "checkpoint"): 0.0,  # adapters are fp32 on both sides (autocast): saved unchanged
-    ("bf16", "delta"): 1e-6,  # fp32 factors, so ΔW is fp32 arithmetic as in fp32 cases
-    ("bf16", "base_forward"): 2**-6,  # bf16 base alone: oneDNN and XLA bf16 conv/matmul differ by ≤ 1 ulp per layer
-    ("bf16", "forward"): 2**-6,  # bf16 outputs of a 2-layer bf16 net: 1-ulp flips in layer 1 propagate (≤ 4 ulp)
-    ("bf16", "merge_weight"): 2**-8,  # bf16(fp32(W) + ΔW), rounded once on each side: ≤ 1 ulp of max|W'|
-    ("bf16", "merge_forward"): 2**-6,  # bf16 net with identical bf16 weights: as "forward"
-    ("bf16", "unmerge_weight"): 2**-8,  # bf16(fp32(W') - ΔW) vs PEFT's: ≤ 1 ulp
-    ("bf16", "unmerge_vs_orig"): 2**-7,  # two bf16 roundings, each ≤ half an ulp (2^-8) of max|W + ΔW|
-    ("bf16", "scale_forward"): 2**-6,  # as "forward"
-    ("bf16", "load_forward"): 2**-6,  # as "forward"
-}
 
 # --------------------------------------------------------------------------- error tracking
 MAX_ERRORS: dict[str, dict[str, Any]] = {}
@@ -83,7 +59,14 @@ REPORT_PATH = Path("/tmp/oracle_max_errors_jax.json")
 
 def _record(dtype: str, op: str, max_abs: float, max_rel: float, case_id: str) -> None:
     row = MAX_ERRORS.setdefault(
-        f"{dtype}/{op}", {"max_abs": 0.0, "max_rel": 0.0, "worst_case": "", "checks": 0, "tol": TOL[(dtype, op)]}
+        f"{dtype}/{op}",
+        {
+            "max_abs": 0.0,
+            "max_rel": 0.0,
+            "worst_case": "",
+            "checks": 0,
+            "tol": tolerance(dtype, op, "oracle_jax").floor,
+        },
     )
     row["checks"] += 1
     row["max_abs"] = max(row["max_abs"], max_abs)
@@ -123,124 +106,39 @@ def _np(x: Any) -> np.ndarray:
 
 
 def assert_close(case_id: str, dtype: str, op: str, actual: Any, expected: Any, ref_scale: float | None = None) -> None:
-    """``max|actual - expected| <= TOL[(dtype, op)] * max|expected|`` (or ``* ref_scale``); the failure
-    message names case, operation, max abs/rel error and the worst index."""
-    tol = TOL[(dtype, op)]
-    a, e = _np(actual), _np(expected)
-    assert a.shape == e.shape, f"{case_id} [{op}]: shape {a.shape}, reference {e.shape}"
-    assert np.isfinite(e).all(), f"{case_id} [{op}]: the reference is not finite"
-    diff = np.nan_to_num(np.abs(a - e), nan=math.inf)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    scale = ref_scale if ref_scale is not None else float(np.abs(e).max()) if e.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else max_abs
-    _record(dtype, op, max_abs, max_rel, case_id)
-    if max_rel > tol:
-        idx = np.unravel_index(int(diff.argmax()), diff.shape)
-        raise AssertionError(
-            f"{case_id} [{op}]: max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (vs {scale:.3e}, "
-            f"tol {tol:.1e}) at index {tuple(int(i) for i in idx)}: JAX {a[idx]!r}, reference {e[idx]!r}"
-        )
+    """``max|actual - expected| <= tol · max|expected|`` (or ``· ref_scale``) for the row ``(dtype, op,
+    "oracle_jax")`` (``parity_tests.compare.assert_close``); the message names case, operation, errors
+    and the worst index."""
+
+    def record(check: Check) -> None:
+        _record(dtype, op, check.max_abs, check.rel, case_id)
+
+    check_close(case_id, dtype, op, "oracle_jax", actual, expected, ref_scale, record=record)
 
 
 # --------------------------------------------------------------------------- case table
 MODELS = {"mlp": (TorchMLPWide, NnxMLPWide), "conv": (TorchConvWide, NnxConvWide)}
-TARGETS = {"mlp": ["layers.0", "layers.1", "head"], "conv": ["c1", "c1p", "c2", "c2g"]}
 RNG_IMPL = "rbg"
-ALPHA = 6  # scaling 3.0 (r=2) and 0.375 (r=16): exact in float32
-
-
-@functools.cache
-def _layer_dims(model: str) -> list[tuple[int, int, bool]]:
-    """``(out, in/groups, pointwise)`` of every targeted layer (Linear counts as pointwise)."""
-    torch_model = MODELS[model][0]()
-    dims = []
-    for key in TARGETS[model]:
-        w = torch_model.get_submodule(key).weight
-        dims.append((w.shape[0], w.shape[1], math.prod(w.shape[2:]) == 1))
-    return dims
-
-
-@dataclass(frozen=True)
-class Case:
-    alg: str  # "loha" | "lokr"
-    model: str  # "mlp" | "conv"
-    dtype: str  # "fp32" | "bf16"
-    r: int
-    effconv: bool = False
-    decompose_both: bool = False
-    decompose_factor: int = -1
-
-    @property
-    def id(self) -> str:
-        parts = [self.alg, self.model, self.dtype, f"r{self.r}"]
-        if self.alg == "lokr":
-            parts += [*(["decompose_both"] if self.decompose_both else []), f"df{self.decompose_factor}"]
-        return "-".join(parts + (["effconv"] if self.effconv else []))
-
-    def config_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "r": self.r,
-            "alpha": ALPHA,
-            "target_modules": TARGETS[self.model],
-            "init_weights": False,
-            "use_effective_conv2d": self.effconv,
-        }
-        if self.alg == "lokr":
-            kw.update(decompose_both=self.decompose_both, decompose_factor=self.decompose_factor)
-        return kw
-
-
-def _noop_flags(case: Case) -> tuple[bool, bool]:
-    """``(effconv is a no-op, decompose_both is a no-op)`` for every targeted layer, by PEFT's own rules
-    (LoKr: effconv needs a non-pointwise layer with decomposed w2; decompose_both a w1 that decomposes)."""
-    eff_noop = db_noop = True
-    for out, inp, pointwise in _layer_dims(case.model):
-        if case.alg == "loha":
-            eff_noop &= pointwise
-            continue
-        (a, b), (c, d) = peft_factorization(out, case.decompose_factor), peft_factorization(inp, case.decompose_factor)
-        w2_full = case.r >= max(b, d) / 2
-        eff_noop &= pointwise or w2_full
-        db_noop &= not case.r < max(a, c) / 2
-    return eff_noop, db_noop
-
-
-def _generate_cases() -> list[Case]:
-    """The product {alg} x {model} x {dtype} x {r} x {effconv} (x LoKr {decompose_both} x {decompose_factor}),
-    minus cases where a flag is a no-op for every targeted layer (they would repeat another case)."""
-    cases = []
-    for alg, model, dtype, r, eff in itertools.product(
-        ("loha", "lokr"), MODELS, ("fp32", "bf16"), (2, 16), (False, True)
-    ):
-        for db, df in itertools.product((False, True), (-1, 4)) if alg == "lokr" else [(False, -1)]:
-            case = Case(alg, model, dtype, r, eff, db, df)
-            eff_noop, db_noop = _noop_flags(case)
-            if (eff and eff_noop) or (db and db_noop):
-                continue
-            cases.append(case)
-    return cases
-
-
-CASES = _generate_cases()
+CASES = JAX_ORACLE
 
 
 # --------------------------------------------------------------------------- helpers
 def _configs(case: Case) -> tuple[peft.PeftConfig, lj.LycorisConfig, type[lj.LycorisTuner]]:
     kw = case.config_kwargs()
-    if case.alg == "loha":
+    if case.algo == "loha":
         return peft.LoHaConfig(**kw), lj.LoHaConfig(**kw), lj.LoHaModel
     return peft.LoKrConfig(**kw), lj.LoKrConfig(**kw), lj.LoKrModel
 
 
 def _torch_base(case: Case, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = MODELS[case.model][0]()
+    model = MODELS[case.layer.name][0]()
     return (model.to(torch.bfloat16) if case.dtype == "bf16" else model).eval()
 
 
 def _nnx_mirror(case: Case, torch_base: torch.nn.Module) -> nnx.Module:
     """The NNX mirror with ``torch_base``'s weights, kernels and biases cast to bf16 in bf16 cases."""
-    model = MODELS[case.model][1](_rngs(0))
+    model = MODELS[case.layer.name][1](_rngs(0))
     load_torch_state_into_nnx(model, torch_base.state_dict())
     if case.dtype == "bf16":
         for _, node in nnx.iter_graph(model):
@@ -258,7 +156,7 @@ def _rngs(seed: int) -> nnx.Rngs:
 def _inputs(case: Case, seed: int = 1) -> tuple[tuple[torch.Tensor, ...], tuple[jax.Array, ...]]:
     """``(torch inputs NC..., JAX inputs N...C)`` with identical values (bf16-rounded once, in torch)."""
     rng = np.random.default_rng(seed)
-    shapes = [(4, 24)] if case.model == "mlp" else [(2, 24, 9), (2, 24, 5, 7)]
+    shapes = [(4, 24)] if case.layer.name == "mlp" else [(2, 24, 9), (2, 24, 5, 7)]
     xs_t = tuple(torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in shapes)
     if case.dtype == "bf16":
         xs_t = tuple(x.to(torch.bfloat16) for x in xs_t)
@@ -301,9 +199,9 @@ def _check_factors(case: Case, label: str, peft_model: peft.PeftModel, tuner: lj
     """Same modules, factor names, shapes (PyTorch layouts), fp32 dtypes and values; same ΔW per module."""
     cid = f"{case.id}:{label}"
     ours, theirs = _jax_layers(tuner), _peft_layers(peft_model)
-    assert sorted(ours) == sorted(theirs) == sorted(TARGETS[case.model]), f"{cid} [modules]: {sorted(ours)}"
+    assert sorted(ours) == sorted(theirs) == sorted(case.layer.targets), f"{cid} [modules]: {sorted(ours)}"
     for key, layer in ours.items():
-        assert isinstance(layer, lj.LoHaLayer if case.alg == "loha" else lj.LoKrLayer), f"{cid}:{key}"
+        assert isinstance(layer, lj.LoHaLayer if case.algo == "loha" else lj.LoKrLayer), f"{cid}:{key}"
         p_factors, o_factors = _peft_factors(theirs[key]), dict(layer.factors["default"])
         assert sorted(o_factors) == sorted(p_factors), f"{cid}:{key} [factor names]: {sorted(o_factors)}"
         for name, p in p_factors.items():
@@ -353,7 +251,7 @@ def _check_grads(case: Case, peft_model: peft.PeftModel, tuner: lj.LycorisTuner,
     reference: dict[str, dict[str, torch.Tensor]] = {
         key: {n: p.grad for n, p in _peft_factors(layer).items()} for key, layer in _peft_layers(peft_model).items()
     }
-    if case.alg == "loha" and case.effconv:
+    if case.algo == "loha" and case.config_kwargs()["use_effective_conv2d"]:
         twin = lt.LycorisTuner.from_pretrained(copy.deepcopy(torch_base), ckpt, is_trainable=True).eval()
         _torch_grads(twin, xs_t, gs)
         for key, layer in twin.model.named_modules():
@@ -424,7 +322,8 @@ def _check_adapter_effect(case_id: str, dtype: str, y_adapted: Any, y_base: Any)
     for i, (ya, yb) in enumerate(zip(_as_tuple(y_adapted), _as_tuple(y_base), strict=True)):
         a, b = _np(ya), _np(yb)
         effect = float(np.abs(a - b).max() / np.abs(a).max())
-        assert effect > 10 * TOL[(dtype, "forward")], f"{case_id}:out{i} [adapter effect]: only {effect:.2e} of max|y|"
+        bound = 10 * tolerance(dtype, "forward", "oracle_jax").floor
+        assert effect > bound, f"{case_id}:out{i} [adapter effect]: only {effect:.2e} of max|y|"
 
 
 SCALE_STEPS = [
@@ -439,7 +338,7 @@ SCALE_STEPS = [
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_matches_peft(case: Case, tmp_path: Path) -> None:
     """PEFT -> JAX (factors, ΔW, forward, merge/unmerge, scale ops, grads, merge_and_unload), JAX -> PEFT."""
-    cid, dtype, keys = case.id, case.dtype, TARGETS[case.model]
+    cid, dtype, keys, kw = case.id, case.dtype, list(case.layer.targets), case.config_kwargs()
     pcfg, jcfg, tuner_cls = _configs(case)
     torch_base = _torch_base(case)
     xs_t, xs_j = _inputs(case)
@@ -488,7 +387,7 @@ def test_matches_peft(case: Case, tmp_path: Path) -> None:
         for key, layer in _peft_layers(peft_model).items():
             assert layers[key].scaling["default"] == layer.scaling["default"], f"{cid}:{key} [{label}] scaling"
         _check_outputs(f"{cid}:{label}", dtype, "scale_forward", tuner(*xs_j), _torch_forward(peft_model, xs_t))
-    assert all(layer.scaling["default"] == ALPHA / case.r for layer in layers.values()), cid
+    assert all(layer.scaling["default"] == kw["alpha"] / kw["r"] for layer in layers.values()), cid
 
     # gradients of every factor (fp32 only)
     if dtype == "fp32":
@@ -523,7 +422,7 @@ def test_matches_peft(case: Case, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- jit
-JIT_CASES = [Case("lokr", "conv", "fp32", 2, effconv=True, decompose_both=True), Case("loha", "conv", "fp32", 2, True)]
+JIT_CASES = JAX_JIT_ORACLE
 
 
 @pytest.mark.parametrize("case", JIT_CASES, ids=[c.id for c in JIT_CASES])

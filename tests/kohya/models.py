@@ -43,7 +43,7 @@ class TorchModel(torch.nn.Module):
         self.mlp, self.conv = TorchMLP(), TorchConv()
 
     def forward(self, x, seq, img):
-        return self.mlp(x)[:, :2].sum(-1, keepdim=True) + self.conv(seq, img)[:, None]
+        return torch.cat([self.mlp(x), self.conv(seq, img)], -1)  # every head row and conv channel
 
 
 class NnxModel(nnx.Module):
@@ -51,7 +51,7 @@ class NnxModel(nnx.Module):
         self.mlp, self.conv = NnxMLP(rngs), NnxConv(rngs)
 
     def __call__(self, x, seq, img):
-        return self.mlp(x)[:, :2].sum(-1, keepdims=True) + self.conv(seq, img)[:, None]
+        return jax.numpy.concatenate([self.mlp(x), self.conv(seq, img)], -1)
 
 
 _rng = np.random.default_rng(0)

@@ -141,17 +141,22 @@ def test_sharded_factors_save_for_peft(tmp_path):
         x = jax.device_put(X, PartitionSpec("data", None))
         expected = np.asarray(nnx.jit(lambda t, x: t(x))(ours, x))
         ours.save_pretrained(tmp_path)  # gathers the sharded factors (one process)
-    model = torch.nn.Module()
-    model.up = torch.nn.Linear(bench.D, bench.F, bias=False)
-    model.down = torch.nn.Linear(bench.F, bench.D, bias=False)
-    model.forward = lambda x: model.down(torch.relu(model.up(x)))
-    for name in ("up", "down"):
-        kernel = np.asarray(getattr(ours.model, name).kernel[...])
-        getattr(model, name).weight.data = torch.from_numpy(kernel.T.copy())
+
+    def torch_model() -> torch.nn.Module:
+        model = torch.nn.Module()
+        model.up = torch.nn.Linear(bench.D, bench.F, bias=False)
+        model.down = torch.nn.Linear(bench.F, bench.D, bias=False)
+        model.forward = lambda x: model.down(torch.relu(model.up(x)))
+        for name in ("up", "down"):
+            kernel = np.asarray(getattr(ours.model, name).kernel[...])
+            getattr(model, name).weight.data = torch.from_numpy(kernel.T.copy())
+        return model
+
     with torch.no_grad():
-        theirs = peft.PeftModel.from_pretrained(model, tmp_path)(torch.from_numpy(X)).numpy()
+        theirs = peft.PeftModel.from_pretrained(torch_model(), tmp_path)(torch.from_numpy(X)).numpy()
+        twin = lt.LycorisTuner.from_pretrained(torch_model(), tmp_path)(torch.from_numpy(X)).numpy()
     np.testing.assert_allclose(theirs, expected, atol=2e-5)
-    assert lt.LycorisTuner  # the torch twin reads the same files (tests/torch cover it)
+    np.testing.assert_allclose(twin, expected, atol=2e-5)  # the torch twin reads the same files
 
 
 def test_pytree_adapter_sharded_then_gathered_and_saved_as_the_readme_says(tmp_path):

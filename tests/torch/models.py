@@ -17,7 +17,8 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    """``layers.{0,1}.{q,v}`` (Linear), ``conv`` (Conv2d 3x3), ``conv1`` (Conv1d k=3), ``head``."""
+    """``layers.{0,1}.{q,v}`` (Linear), ``conv`` (Conv2d 3x3), ``conv1`` (Conv1d k=3), ``head``; returns the
+    head's outputs and each conv's per-channel sums ``(N, 4 + 8 + 6)``: every output row and channel shows."""
 
     def __init__(self, dim: int = 16) -> None:
         super().__init__()
@@ -31,7 +32,7 @@ class Net(nn.Module):
         for layer in self.layers:
             x = layer(x)
         y = self.head(self.norm(x))
-        return y.sum(-1) + self.conv(img).mean((1, 2, 3)) + self.conv1(seq).mean((1, 2))
+        return torch.cat([y, self.conv(img).sum((2, 3)), self.conv1(seq).sum(2)], -1)
 
 
 def inputs(seed: int = 0, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

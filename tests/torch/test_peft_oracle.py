@@ -8,6 +8,11 @@ loads). The largest error seen per (dtype, operation) is printed at the end of t
 
 Ours runs on ``forward_path="peft"`` (PEFT's arithmetic, which these tolerances are for); the other
 forward paths are compared with PEFT in ``tests/torch/test_deviations.py`` (o) and ``parity_tests``.
+The cases are ``parity_tests.cases.TORCH_ORACLE`` / ``TORCH_GRAD_ORACLE`` and the tolerances the rows
+``(dtype, op, "oracle")`` of ``parity_tests.tolerances`` (one case table, one tolerance table). After
+the factors are set, one factor that ΔW is linear in is multiplied by a power of two so that
+max|ΔW| ~ max|W|, and every case asserts that the adapter moves the output by > 10x the forward
+tolerance (otherwise the bf16 checks could not see it).
 
 Known deviation handled here (not a test failure): on a bf16 base PEFT creates the factors in
 bf16 and only then upcasts them to float32, so its initial factors are bf16-rounded; ours are
@@ -18,49 +23,23 @@ precision, then copy PEFT's factors into ours.
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-from peft.tuners.lokr.layer import factorization as peft_factorization
 from peft.tuners.lycoris_utils import LycorisLayer as PeftLycorisLayer
 from safetensors.torch import load_file
 from torch import nn
 
 import lycoris_torch as lt
-
-# --------------------------------------------------------------------------- tolerances
-#: (dtype, operation) -> allowed max |ours - PEFT| / max |PEFT|.
-TOL: dict[tuple[str, str], float] = {
-    ("fp32", "init"): 0.0,  # same RNG draws in the same order: bit-identical
-    ("fp32", "delta"): 1e-6,  # same formulas; allows a different matmul/einsum summation order
-    ("fp32", "forward"): 1e-6,  # base(x) + x @ ΔWᵀ, same ops as PEFT
-    ("fp32", "merge_weight"): 1e-6,  # W + ΔW, one rounding per element
-    ("fp32", "merge_forward"): 1e-6,  # forward through the merged weight
-    ("fp32", "unmerge_weight"): 1e-6,  # W + ΔW - ΔW, compared with PEFT's unmerged weight
-    ("fp32", "unmerge_vs_orig"): 1e-6,  # (W + ΔW) - ΔW vs W, relative to max|W + ΔW|: two fp32 roundings
-    ("fp32", "scale_forward"): 1e-6,  # forward after each scale op (scaling is a Python float on both sides)
-    ("fp32", "load_forward"): 1e-6,  # forward after a checkpoint round trip (values are copied exactly)
-    ("fp32", "checkpoint"): 0.0,  # saved tensors are the parameters themselves
-    ("bf16", "init"): 0.0,  # PEFT's factors are bf16-rounded (see module docstring): equal after rounding ours
-    ("bf16", "delta"): 1e-6,  # adapters are fp32 (autocast), so ΔW is fp32 arithmetic
-    ("bf16", "forward"): 2**-8,  # bf16(fp32(base(x)) + x_fp32 @ ΔWᵀ) on both sides: ≤ 1 ulp of the largest output
-    ("bf16", "merge_weight"): 2**-8,  # bf16(fp32(W) + ΔW), rounded once: ≤ 1 ulp
-    ("bf16", "merge_forward"): 2**-8,  # bf16 conv/matmul with identical bf16 weights
-    ("bf16", "unmerge_weight"): 2**-8,  # bf16(fp32(W') - ΔW), compared with PEFT's: ≤ 1 ulp
-    ("bf16", "unmerge_vs_orig"): 2**-7,  # as fp32: two bf16 roundings, each ≤ half an ulp (2^-8) of max|W + ΔW|
-    ("bf16", "scale_forward"): 2**-8,  # as forward
-    ("bf16", "load_forward"): 2**-8,  # as forward
-    ("bf16", "checkpoint"): 0.0,  # saved tensors are fp32 parameters
-    ("fp64", "init"): 0.0,  # same RNG draws, float64 factors on both sides
-    ("fp64", "grad"): 1e-12,  # autograd vs PEFT's hand-written backward: summation order only
-}
+from parity_tests.cases import TORCH_GRAD_ORACLE, TORCH_ORACLE, Case
+from parity_tests.compare import Check
+from parity_tests.compare import assert_close as check_close
+from parity_tests.runner import torch_layer
+from parity_tests.tolerances import tolerance
 
 # --------------------------------------------------------------------------- error tracking
 MAX_ERRORS: dict[str, dict[str, object]] = {}
@@ -69,7 +48,8 @@ REPORT_PATH = Path("/tmp/oracle_max_errors.json")
 
 def _record(dtype: str, op: str, max_abs: float, max_rel: float, case_id: str) -> None:
     row = MAX_ERRORS.setdefault(
-        f"{dtype}/{op}", {"max_abs": 0.0, "max_rel": 0.0, "worst_case": "", "checks": 0, "tol": TOL[(dtype, op)]}
+        f"{dtype}/{op}",
+        {"max_abs": 0.0, "max_rel": 0.0, "worst_case": "", "checks": 0, "tol": tolerance(dtype, op, "oracle").floor},
     )
     row["checks"] = int(row["checks"]) + 1
     row["max_abs"] = max(float(row["max_abs"]), max_abs)
@@ -107,124 +87,18 @@ def _report_max_errors():
 def assert_close(
     case_id: str, dtype: str, op: str, actual: torch.Tensor, expected: torch.Tensor, ref_scale: float | None = None
 ) -> None:
-    """``max|actual - expected| <= TOL[(dtype, op)] * max|expected|`` (or ``* ref_scale``); the message names
-    case and operation."""
-    tol = TOL[(dtype, op)]
-    assert actual.shape == expected.shape, (
-        f"{case_id} [{op}]: shape {tuple(actual.shape)}, PEFT {tuple(expected.shape)}"
-    )
-    a, e = actual.detach().double(), expected.detach().double()
-    assert bool(torch.isfinite(e).all()), f"{case_id} [{op}]: PEFT's reference is not finite"
-    diff = (a - e).abs().nan_to_num(nan=math.inf)
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    scale = ref_scale if ref_scale is not None else float(e.abs().max()) if e.numel() else 0.0
-    max_rel = max_abs / scale if scale > 0 else max_abs
-    _record(dtype, op, max_abs, max_rel, case_id)
-    if max_rel > tol:
-        flat = int(diff.argmax())
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
-        raise AssertionError(
-            f"{case_id} [{op}]: max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (vs {scale:.3e}, "
-            f"tol {tol:.1e}) at index {idx}: ours {a[idx].item()!r}, PEFT {e[idx].item()!r}"
-        )
+    """``max|actual - expected| <= tol · max|expected|`` (or ``· ref_scale``) for the row ``(dtype, op,
+    "oracle")`` (``parity_tests.compare.assert_close``); the message names case and operation."""
+
+    def record(check: Check) -> None:
+        _record(dtype, op, check.max_abs, check.rel, case_id)
+
+    check_close(case_id, dtype, op, "oracle", actual, expected, ref_scale, record=record)
 
 
 # --------------------------------------------------------------------------- case table
-@dataclass(frozen=True)
-class Layer:
-    """A base layer: constructor, input shape, and (out, in/groups) for LoKr's factorization."""
-
-    make: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]
-    dims: tuple[int, int]
-    pointwise: bool
-
-
-# Conv channels 24 -> 48 so that decompose_both really decomposes w1 at r=2 (48 -> (6, 8), 24 -> (4, 6)).
-LAYERS: dict[str, Layer] = {
-    "linear": Layer(lambda: nn.Linear(24, 36), (3, 5, 24), (36, 24), True),
-    "conv1d1": Layer(lambda: nn.Conv1d(24, 48, 1), (2, 24, 9), (48, 24), True),
-    "conv1d3": Layer(lambda: nn.Conv1d(24, 48, 3, padding=1), (2, 24, 9), (48, 24), False),
-    "conv2d1x1": Layer(lambda: nn.Conv2d(24, 48, 1), (2, 24, 5, 6), (48, 24), True),
-    "conv2d3x3": Layer(lambda: nn.Conv2d(24, 48, 3, padding=1), (2, 24, 5, 6), (48, 24), False),
-    "conv2d3x5": Layer(
-        lambda: nn.Conv2d(24, 48, (3, 5), padding=(1, 2), stride=(1, 2)), (2, 24, 5, 8), (48, 24), False
-    ),
-    "gconv2d3x3": Layer(lambda: nn.Conv2d(24, 48, 3, padding=1, groups=3), (2, 24, 5, 6), (48, 8), False),
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
-ALPHA = 6  # scaling 3.0 (r=2) and 0.375 (r=16): exact in float32, so LoHa's float32 scale tensor is exact too
-
-
-@dataclass(frozen=True)
-class Case:
-    alg: str  # "loha" | "lokr"
-    layer: str
-    dtype: str
-    r: int
-    init: bool | str
-    effconv: bool = False
-    decompose_both: bool = False
-    decompose_factor: int = -1
-
-    @property
-    def id(self) -> str:
-        parts = [self.alg, self.layer, self.dtype, f"r{self.r}"]
-        if self.alg == "lokr":
-            parts += [*(["decompose_both"] if self.decompose_both else []), f"df{self.decompose_factor}"]
-        parts.append(f"init_{str(self.init).lower()}")
-        return "-".join(parts + (["effconv"] if self.effconv else []))
-
-    def config_kwargs(self) -> dict[str, object]:
-        kw: dict[str, object] = {
-            "r": self.r,
-            "alpha": ALPHA,
-            "target_modules": ["layer"],
-            "init_weights": self.init,
-            "use_effective_conv2d": self.effconv,
-        }
-        if self.alg == "lokr":
-            kw.update(decompose_both=self.decompose_both, decompose_factor=self.decompose_factor)
-        return kw
-
-
-def _lokr_full(layer: Layer, r: int, df: int, decompose_both: bool) -> tuple[bool, bool]:
-    """PEFT's rule (computed with PEFT's own ``factorization``): are (w1, w2) stored full?"""
-    (a, b), (c, d) = peft_factorization(layer.dims[0], df), peft_factorization(layer.dims[1], df)
-    return not (decompose_both and r < max(a, c) / 2), r >= max(b, d) / 2
-
-
-def _generate_cases() -> list[Case]:
-    """The full product, minus combinations whose flag is a no-op.
-
-    A flag is a no-op when PEFT ignores it for that layer/rank: ``use_effective_conv2d`` on Linear
-    and kernel-1 convs (and, for LoKr, whenever w2 is full), ``decompose_both`` whenever w1 stays
-    full. Such no-op variants are kept only as witnesses in the fp32, ``init_weights=False`` slice
-    (they check that we ignore the flag exactly where PEFT does); elsewhere they would repeat a case.
-    """
-    cases = []
-    for alg, (name, layer), dtype, r in itertools.product(("loha", "lokr"), LAYERS.items(), ("fp32", "bf16"), (2, 16)):
-        inits: tuple[bool | str, ...] = (True, False, "lycoris") if alg == "lokr" else (True, False)
-        dbs, dfs = ((False, True), (-1, 4)) if alg == "lokr" else ((False,), (-1,))
-        for init, eff, db, df in itertools.product(inits, (False, True), dbs, dfs):
-            witness = dtype == "fp32" and init is False
-            if alg == "lokr":
-                w1_full, w2_full = _lokr_full(layer, r, df, db)
-                eff_noop = layer.pointwise or w2_full
-                db_noop = w1_full
-                if (
-                    (eff and eff_noop and not witness)
-                    or (db and db_noop and not witness)
-                    or (eff and db and eff_noop and db_noop)
-                ):
-                    continue
-            elif eff and layer.pointwise and not witness:
-                continue
-            cases.append(Case(alg, name, dtype, r, init, eff, db, df))
-    return cases
-
-
-CASES = _generate_cases()
+CASES = TORCH_ORACLE
 
 
 # --------------------------------------------------------------------------- helpers
@@ -245,9 +119,9 @@ def _configs(alg: str, **kw: object) -> tuple[peft.PeftConfig, lt.LycorisConfig,
     return peft.LoKrConfig(**kw), lt.LoKrConfig(**kw), lt.LoKrModel
 
 
-def _base_model(layer: str, dtype: str, seed: int = 0) -> Wrap:
+def _base_model(case: Case, seed: int = 0) -> Wrap:
     torch.manual_seed(seed)
-    return Wrap(LAYERS[layer].make()).to(DTYPES[dtype]).eval()
+    return Wrap(torch_layer(case.layer)).to(DTYPES[case.dtype]).eval()
 
 
 def _input(shape: tuple[int, ...], dtype: str, seed: int = 1) -> torch.Tensor:
@@ -310,6 +184,31 @@ def _check_factors(case_id: str, dtype: str, peft_model: nn.Module, tuner: lt.Ly
                 o.copy_(p)
 
 
+#: One factor per algorithm/form in which ΔW is linear (LoHa: w1_a in both forms; LoKr: w1 or w1_a).
+LINEAR_FACTORS = ("hada_w1_a", "lokr_w1", "lokr_w1_a")
+
+
+def _amplify(layers: dict[str, tuple[PeftLycorisLayer, lt.LycorisLayer]], adapter: str = "default") -> None:
+    """Scale each layer's ΔW to about max|W| on both sides (Kaiming factors give LoHa a ΔW of ~1% of W,
+    invisible next to bf16 rounding) by multiplying a factor that ΔW is linear in by a power of two."""
+    for p_layer, o_layer in layers.values():
+        factors = _peft_factors(p_layer, adapter)
+        name = next(n for n in LINEAR_FACTORS if n in factors)
+        with torch.no_grad():
+            w_max = float(p_layer.get_base_layer().weight.abs().max())
+            d_max = float(p_layer.get_delta_weight(adapter).abs().max())
+            gain = 2.0 ** round(math.log2(w_max / d_max))
+            factors[name].mul_(gain)
+            o_layer.factors[adapter][name].mul_(gain)
+
+
+def _check_adapter_effect(case_id: str, dtype: str, y_adapted: torch.Tensor, y_base: torch.Tensor) -> None:
+    """The adapter must move the output by far more than the forward tolerance, or the forward checks are blind."""
+    effect = float((y_adapted - y_base).double().abs().max() / y_adapted.double().abs().max())
+    bound = 10 * tolerance(dtype, "forward", "oracle").floor
+    assert effect > bound, f"{case_id} [adapter effect]: only {effect:.2e} of max|y|, not > {bound:.2e}"
+
+
 def _forward_pair(peft_model: nn.Module, tuner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         return tuner(x), peft_model(x)
@@ -319,16 +218,16 @@ def _forward_pair(peft_model: nn.Module, tuner: nn.Module, x: torch.Tensor) -> t
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_matches_peft(case: Case, tmp_path: Path) -> None:
     """Factors, ΔW, forward, merge/unmerge, safe merge, scale ops and checkpoints vs PEFT."""
-    cid, dtype = case.id, case.dtype
-    base = _base_model(case.layer, dtype)
-    x = _input(LAYERS[case.layer].input_shape, dtype)
-    peft_model, tuner = _build_pair(case.alg, base, {"default": case.config_kwargs()})
+    cid, dtype, kw = case.id, case.dtype, case.config_kwargs()
+    base = _base_model(case)
+    x = _input(case.layer.input_shape, dtype)
+    peft_model, tuner = _build_pair(case.algo, base, {"default": kw})
     p_layer, o_layer = peft_model.base_model.model.layer, tuner.model.layer
-    assert isinstance(o_layer, lt.LoHaLayer if case.alg == "loha" else lt.LoKrLayer), cid
+    assert isinstance(o_layer, lt.LoHaLayer if case.algo == "loha" else lt.LoKrLayer), cid
 
     # (1) names, shapes, initial values
     _check_factors(cid, dtype, peft_model, tuner, "default")
-    if case.init is not False:  # zero ΔW at init on both sides; then give both the same random factors
+    if kw["init_weights"] is not False:  # zero ΔW at init on both sides; then give both the same random factors
         for side, layer in (("ours", o_layer), ("PEFT", p_layer)):
             n = int(torch.count_nonzero(layer.get_delta_weight("default")))
             assert n == 0, f"{cid} [zero init]: {side} ΔW has {n} non-zero elements"
@@ -337,6 +236,9 @@ def test_matches_peft(case: Case, tmp_path: Path) -> None:
             for name, p in sorted(_peft_factors(p_layer, "default").items()):
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
                 o_layer.factors["default"][name].copy_(p)
+    _amplify({"default": (p_layer, o_layer)})
+    with torch.no_grad():
+        _check_adapter_effect(cid, dtype, peft_model(x), base(x))
 
     # (2) ΔW
     delta = o_layer.get_delta_weight("default")
@@ -403,7 +305,7 @@ def test_matches_peft(case: Case, tmp_path: Path) -> None:
             f"{cid} [{label}]: scaling ours {o_layer.scaling['default']}, PEFT {p_layer.scaling['default']}"
         )
         assert_close(f"{cid}:{label}", dtype, "scale_forward", *_forward_pair(peft_model, tuner, x))
-    assert o_layer.scaling["default"] == ALPHA / case.r, cid
+    assert o_layer.scaling["default"] == kw["alpha"] / kw["r"], cid
 
     # (7) checkpoints both ways
     peft_model.save_pretrained(tmp_path / "peft")
@@ -444,7 +346,7 @@ def _two_adapters(alg: str) -> dict[str, dict[str, object]]:
     common = {"target_modules": ["conv", "lin"], "init_weights": False}
     extra = {"decompose_both": True} if alg == "lokr" else {}
     return {
-        "a": {"r": 2, "alpha": ALPHA, **common},
+        "a": {"r": 2, "alpha": 6, **common},
         "b": {"r": 4, "alpha": 3, "use_effective_conv2d": True, **common, **extra},
     }
 
@@ -462,9 +364,12 @@ def test_several_active_adapters_and_disable(alg: str, dtype: str) -> None:
     peft_model, tuner = _build_pair(alg, base, _two_adapters(alg))
     for name in ("a", "b"):
         _check_factors(f"{cid}:{name}", dtype, peft_model, tuner, name)
+        layers = {k: (layer, tuner.model.get_submodule(k)) for k, layer in _peft_layers(peft_model).items()}
+        _amplify(layers, name)
     with torch.no_grad():
         y_base = base(x)
         y_a = tuner(x)
+    _check_adapter_effect(f"{cid}:a", dtype, y_a, y_base)
     assert_close(f"{cid}:active=a", dtype, "forward", *_forward_pair(peft_model, tuner, x))
 
     tuner.set_adapter(["a", "b"])
@@ -472,7 +377,7 @@ def test_several_active_adapters_and_disable(alg: str, dtype: str) -> None:
     assert tuner.active_adapters == ["a", "b"] == peft_model.base_model.active_adapters, cid
     y_ab, y_ab_peft = _forward_pair(peft_model, tuner, x)
     assert_close(f"{cid}:active=a,b", dtype, "forward", y_ab, y_ab_peft)
-    assert not torch.equal(y_ab, y_a), f"{cid}: adapter b changes nothing"
+    _check_adapter_effect(f"{cid}:b", dtype, y_ab, y_a)
 
     with peft_model.disable_adapter(), tuner.disable_adapter():
         y_ours, y_peft = _forward_pair(peft_model, tuner, x)
@@ -509,31 +414,17 @@ def test_several_active_adapters_and_disable(alg: str, dtype: str) -> None:
 
 
 # --------------------------------------------------------------------------- gradients (float64)
-GRAD_CASES = [
-    # LoHa CP form: PEFT's hand-written backward is wrong for hada_w1_a/hada_w2_a (tested elsewhere), so skipped here.
-    Case("loha", "conv2d3x3", "fp64", 2, False, effconv=True),
-    Case("loha", "conv2d3x5", "fp64", 4, False, effconv=True),
-    Case("loha", "conv1d3", "fp64", 2, False, effconv=True),
-    Case("loha", "gconv2d3x3", "fp64", 2, False, effconv=True),
-    Case("loha", "linear", "fp64", 2, False),
-    Case("loha", "conv2d3x3", "fp64", 2, False),
-    Case("lokr", "linear", "fp64", 2, False, decompose_both=True),
-    Case("lokr", "linear", "fp64", 16, False),
-    Case("lokr", "conv1d3", "fp64", 16, False),  # full 3-D lokr_w2 (PEFT's Conv1d Kronecker layout)
-    Case("lokr", "conv2d3x3", "fp64", 2, False, effconv=True, decompose_both=True),
-    Case("lokr", "conv2d3x5", "fp64", 2, False),
-    Case("lokr", "gconv2d3x3", "fp64", 2, False, effconv=True, decompose_factor=4),
-]
+GRAD_CASES = TORCH_GRAD_ORACLE
 PEFT_CP_BACKWARD_BUG = {"hada_w1_a", "hada_w2_a"}
 
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c.id for c in GRAD_CASES])
 def test_gradients_match_peft(case: Case) -> None:
     """Gradients of every factor (except the two PEFT gets wrong in LoHa's CP form) in float64."""
-    cid = case.id
-    base = _base_model(case.layer, case.dtype)
-    x = _input(LAYERS[case.layer].input_shape, case.dtype)
-    peft_model, tuner = _build_pair(case.alg, base, {"default": case.config_kwargs()})
+    cid, kw = case.id, case.config_kwargs()
+    base = _base_model(case)
+    x = _input(case.layer.input_shape, case.dtype)
+    peft_model, tuner = _build_pair(case.algo, base, {"default": kw})
     peft_model.train()
     tuner.train()
     _check_factors(cid, case.dtype, peft_model, tuner, "default")
@@ -543,7 +434,7 @@ def test_gradients_match_peft(case: Case) -> None:
     (y_peft * g).sum().backward()
     p_factors = _peft_factors(peft_model.base_model.model.layer, "default")
     o_factors = tuner.model.layer.factors["default"]
-    skip = PEFT_CP_BACKWARD_BUG if case.alg == "loha" and case.effconv else set()
+    skip = PEFT_CP_BACKWARD_BUG if case.algo == "loha" and kw["use_effective_conv2d"] else set()
     checked = 0
     for name, p in sorted(p_factors.items()):
         o = o_factors[name]
