@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from lycoris_core import kohya, state
-from lycoris_core.checkpoint import SAFETENSORS_METADATA, checkpoint_key
+from lycoris_core.checkpoint import SAFETENSORS_METADATA, SAFETENSORS_NAME, checkpoint_key
 from lycoris_core.config import CONFIG_NAME, LycorisConfig, config_class_for
 from lycoris_core.errors import CheckpointError
-from lycoris_core.files import read_adapter_files, save_adapters
+from lycoris_core.files import Checkpoint, read_adapter_files, save_adapters
 from lycoris_core.paths import check_forward_path
 from lycoris_core.plan import AdapterPlan, factor_names
-from lycoris_core.resolve import Layer, resolve, saved_config, table_shapes
+from lycoris_core.resolve import Layer, check_peft_plans, resolve, saved_config, table_shapes
 from lycoris_core.targets import NoMatchingModuleError
 from lycoris_core.tensors import dump_safetensors, read_tensors
 
@@ -193,9 +193,13 @@ class TunerBookkeeping:
         return self._table_of(self.model, **self._table_options)
 
     def _resolve_targets(
-        self, config: LycorisConfig, table: Mapping[str, Layer] | None = None
+        self,
+        config: LycorisConfig,
+        table: Mapping[str, Layer] | None = None,
+        plans: Mapping[str, AdapterPlan] | None = None,
     ) -> dict[str, AdapterPlan]:
-        """``{module name: AdapterPlan}`` of ``config`` on this model (``lycoris_core.resolve``); nothing changes."""
+        """``{module name: AdapterPlan}`` of ``config`` on this model (``lycoris_core.resolve``; ``plans``:
+        modules' own, e.g. a LyCORIS file's factorization); nothing changes."""
         model_config = getattr(self.model, "config", None)
         return resolve(
             config,
@@ -204,6 +208,7 @@ class TunerBookkeeping:
             modules_to_save=self._modules_to_save,
             front_end=self._front_end,
             kind_names=self._kind_names,
+            plans=plans,
         )
 
     def set_forward_path(self, forward_path: str) -> None:
@@ -233,18 +238,26 @@ class TunerBookkeeping:
         """Inject adapter ``adapter_name``; the first adapter becomes active, later ones do not."""
         self._add(adapter_name, config, None)
 
-    def _add(self, adapter_name: str, config: LycorisConfig, tensors: Mapping[str, Any] | None) -> None:
+    def _add(
+        self,
+        adapter_name: str,
+        config: LycorisConfig,
+        tensors: Mapping[str, Any] | None,
+        plans: Mapping[str, AdapterPlan] | None = None,
+    ) -> None:
         """Validate (name, config, targets, plans, checkpoint ``tensors``), then inject and fill;
-        all or nothing. Errors about a :class:`Checkpoint` name its file."""
+        all or nothing. Errors about a :class:`Checkpoint` name its file. ``plans``: modules' own
+        plans (``lycoris_core.resolve.resolve``)."""
         self._check_new_adapter(adapter_name, config)  # about the name and the model, not a file
         path = getattr(tensors, "path", None)
         table = self._table()
         try:
-            plans = self._resolve_targets(config, table)
+            plans = self._resolve_targets(config, table, plans)
         except NoMatchingModuleError as err:
             if path is None:
                 raise
-            raise NoMatchingModuleError(f"{os.path.dirname(path)}: the adapter's config: {err}") from None
+            source = os.path.dirname(path) if os.path.basename(path) == SAFETENSORS_NAME else path
+            raise NoMatchingModuleError(f"{source}: the adapter's config: {err}") from None
         values, extra = None, {}
         if tensors is not None:
             try:
@@ -423,7 +436,9 @@ class TunerBookkeeping:
             tensors = {k: self._numpy(v) for k, v in self.adapter_state_dict(name).items()}
             if not tensors:
                 raise ValueError(f"adapter {name!r} holds no weights to save")
-            config = saved_config(self.peft_config[name], self._adapted_plans(name), table)
+            plans = self._adapted_plans(name)
+            check_peft_plans(self.peft_config[name], plans)
+            config = saved_config(self.peft_config[name], plans, table)
             if config.auto_mapping is None and getattr(self.model, "config", None) is None:
                 config.auto_mapping = {
                     "base_model_class": type(self.model).__name__,
@@ -478,14 +493,20 @@ class TunerBookkeeping:
         """Wrap ``model`` and load a LyCORIS/kohya single-file adapter (``lycoris_core.kohya``): its
         underscore names resolve against ``model``'s module paths (``prefix``: the file's, e.g.
         ``"lycoris"`` or ``"lora_unet"``; found when not given), then it loads as its PEFT
-        equivalent would (:meth:`from_pretrained`), computing what lycoris-lora computes."""
+        equivalent would (:meth:`from_pretrained`), computing what lycoris-lora computes: a module whose
+        factorization no PEFT config gives (lycoris-lora's ``factor``) keeps the file's own plan."""
         table = cls._table_of(model, **{k: v for k, v in kwargs.items() if k in cls._table_keys})
-        with kohya.as_peft_directory(
-            path, table_shapes(table), prefix=prefix, allow_nonfinite=allow_nonfinite
-        ) as directory:
-            return cls.from_pretrained(
-                model, directory, adapter_name, is_trainable, allow_nonfinite=allow_nonfinite, **kwargs
-            )
+        source = kohya.read_lycoris(path, allow_nonfinite=allow_nonfinite)
+        config, tensors, plans = kohya.lycoris_adapter(source, table_shapes(table), prefix=prefix)
+        config.inference_mode = not is_trainable
+        tuner_cls = cls._tuner_class_for(config.peft_type)
+        state.check_adapter_name(adapter_name)
+        tuner = tuner_cls(
+            model, config, adapter_name, state_dict=Checkpoint(source.path, tensors), plans=plans, **kwargs
+        )
+        if not is_trainable:
+            tuner.eval()
+        return tuner
 
     #: The constructor options that ``_table_of`` takes.
     _table_keys: ClassVar[tuple[str, ...]] = ()
@@ -497,9 +518,15 @@ class TunerBookkeeping:
         that computes what this adapter computes (``lycoris_core.kohya.peft_to_lycoris``)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}")
-        layers = {name: plan.layer for name, plan in self._adapted_plans(adapter_name).items()}
-        save = lambda directory: self.save_pretrained(directory, [adapter_name])  # noqa: E731
-        kohya.save_through_peft(save, adapter_name, path, prefix=prefix, layers=layers)
+        tensors = {k: self._numpy(v) for k, v in self.adapter_state_dict(adapter_name).items()}
+        kohya.save_adapter(
+            path,
+            self.peft_config[adapter_name],
+            tensors,
+            self._adapted_plans(adapter_name),
+            prefix=prefix,
+            where=adapter_name,
+        )
 
     @classmethod
     def _tuner_class_for(cls, peft_type: str) -> type:

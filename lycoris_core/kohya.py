@@ -25,7 +25,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +41,7 @@ from lycoris_core.plan import (
     LOKR_FACTORS,
     AdapterPlan,
     LayerShape,
+    candidate_layers,
     full_3d_lokr_w2,
     plan_adapter,
     plan_from_factors,
@@ -54,14 +55,16 @@ __all__ = [
     "LycorisFile",
     "LycorisModule",
     "as_peft_directory",
+    "file_plan",
+    "lycoris_adapter",
     "lycoris_name",
     "lycoris_to_peft",
     "peft_to_lycoris",
     "read_lycoris",
     "read_peft",
     "resolve_names",
+    "save_adapter",
     "save_lycoris",
-    "save_through_peft",
     "write_peft",
 ]
 
@@ -320,14 +323,14 @@ def _int_if_integral(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _planner(layers: Mapping[str, LayerShape] | None):
+def _planner(layers: Mapping[str, LayerShape | None] | None):
     """``plan_of(peft_type, shapes, r, alpha, config, module, where)``: the module's plan, from the
     model's layer if known (then checked against ``shapes``), else from the factors alone."""
 
     def plan_of(
         peft_type: str, shapes: dict, r: int, alpha: float, config: Any, module: str, where: str
     ) -> AdapterPlan:
-        if layers is None:
+        if layers is None or (module in layers and layers[module] is None):
             return plan_from_factors(peft_type, shapes, r, alpha, config, where=where)
         if module not in layers:
             raise ValueError(
@@ -343,12 +346,59 @@ def _planner(layers: Mapping[str, LayerShape] | None):
     return plan_of
 
 
-def lycoris_to_peft(
+def file_plan(
+    layer: LayerShape | None, peft_type: str, shapes: Mapping[str, tuple[int, ...]], r: int, alpha: float, config: Any
+) -> AdapterPlan:
+    """The plan of a LoKr module as a LyCORIS file holds it, for ``layer`` (``None``: inferred from the
+    factors): any factorization ``out = a·b``, ``in = c·d`` and any full or low-rank choice of ``W1`` and
+    ``W2`` that fits the layer, beyond the ones PEFT's ``decompose_factor``/``r`` rules give (lycoris-lora's
+    ``factor`` sorts the pair, PEFT's does not; ``unbalanced_factorization``, ``full_matrix``). The
+    Kronecker product is the same math either way. A ``ValueError`` when the factors fit no layer."""
+    if peft_type != "LOKR":
+        raise ValueError(f"{peft_type} factors have one layout per layer; these fit none")
+    f = dict(shapes)
+    (a, c) = f["lokr_w1"] if "lokr_w1" in f else (f["lokr_w1_a"][0], f["lokr_w1_b"][1])
+    candidates = [layer] if layer is not None else candidate_layers(peft_type, f)
+    for shape in candidates:
+        out, inp, kernel = shape.out_features, shape.in_features, tuple(shape.kernel_size)
+        if out % a or inp % c:
+            continue
+        b, d = out // a, inp // c
+        if "lokr_w2" in f:
+            expected_w2: dict[str, tuple[int, ...]] = {"lokr_w2": (b, d, *kernel)}
+        elif "lokr_t2" in f:
+            t_kernel = kernel if shape.kind == "conv2d" else (*kernel, 1)
+            expected_w2 = {"lokr_w2_a": (r, b), "lokr_w2_b": (r, d), "lokr_t2": (r, r, *t_kernel)}
+        else:
+            expected_w2 = {"lokr_w2_a": (b, r), "lokr_w2_b": (r, d * shape.kernel_numel)}
+        expected_w1 = {"lokr_w1": (a, c)} if "lokr_w1" in f else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
+        if {**expected_w1, **expected_w2} != f:
+            continue
+        factors = tuple((name, f[name], "kaiming") for name in LOKR_FACTORS if name in f)
+        return AdapterPlan(
+            "LOKR",
+            shape,
+            r,
+            alpha,
+            factors,
+            rank_dropout=config.rank_dropout,
+            module_dropout=config.module_dropout,
+            rank_dropout_scale=bool(config.rank_dropout_scale),
+            effective_conv="lokr_t2" in f,
+            fp32_dropout_mask=True,
+        )
+    where = f"its layer {layer.weight_shape}" if layer is not None else "any layer"
+    raise ValueError(f"factors are no LoKr factorization of {where} either")
+
+
+def lycoris_adapter(
     source: LycorisFile, module_names: Iterable[str] | Mapping[str, LayerShape], *, prefix: str | None = None
-) -> tuple[LycorisConfig, dict[str, np.ndarray]]:
-    """A PEFT adapter ``(config, {PEFT key: array})`` computing what ``source`` computes in
-    lycoris-lora, for the model whose module paths are ``module_names`` (a mapping to
-    :class:`LayerShape` also checks every factor against its layer)."""
+) -> tuple[LycorisConfig, dict[str, np.ndarray], dict[str, AdapterPlan]]:
+    """``(config, {PEFT key: array}, {module path: plan})``: the PEFT adapter that computes what
+    ``source`` computes in lycoris-lora, for the model whose module paths are ``module_names`` (a mapping
+    to :class:`LayerShape` also checks every factor against its layer), and the plans of the modules
+    whose factors no PEFT config can hold (:func:`file_plan`; empty when PEFT's rules give them all).
+    Every front end's ``from_lycoris`` loads the three; errors name the file and its module."""
     layers = module_names if isinstance(module_names, Mapping) else None
     names = resolve_names(source.modules, module_names, prefix)
     types = {m.peft_type for m in source.modules.values()}
@@ -357,7 +407,7 @@ def lycoris_to_peft(
             source.path, f"mixes LoHa and LoKr modules ({sorted(types)}); a PEFT adapter holds one method"
         )
     (peft_type,) = types
-    entries = []  # (module path, factors in PEFT layout, r, alpha)
+    entries = []  # (file name, module path, factors in PEFT layout, r, alpha)
     for name, module in source.modules.items():
         path = names[name]
         factors = dict(module.factors)
@@ -366,38 +416,74 @@ def lycoris_to_peft(
                 factors[core] = factors[core][..., None]
         _check_representable(f"{source.path}: {name} ({path})", peft_type, module.shapes)
         r, alpha = module.load_rank_alpha
-        entries.append((path, factors, r, _int_if_integral(alpha)))
-    r0 = Counter(e[2] for e in entries).most_common(1)[0][0]
-    a0 = Counter(e[3] for e in entries).most_common(1)[0][0]
+        entries.append((name, path, factors, r, _int_if_integral(alpha)))
+    r0 = Counter(e[3] for e in entries).most_common(1)[0][0]
+    a0 = Counter(e[4] for e in entries).most_common(1)[0][0]
     # exactly the file's modules under PEFT's matching: "fc" must not also select "block.fc"
     fields: dict[str, Any] = {
-        "target_modules": exact_targets([e[0] for e in entries], module_names),
+        "target_modules": exact_targets([e[1] for e in entries], module_names),
         "r": r0,
         "alpha": a0,
-        "rank_pattern": {exact_pattern(p): r for p, _, r, _ in entries if r != r0},
-        "alpha_pattern": {exact_pattern(p): a for p, _, _, a in entries if a != a0},
-        "use_effective_conv2d": any(k in f for _, f, _, _ in entries for k in ("hada_t1", "lokr_t2")),
+        "rank_pattern": {exact_pattern(p): r for _, p, _, r, _ in entries if r != r0},
+        "alpha_pattern": {exact_pattern(p): a for _, p, _, _, a in entries if a != a0},
+        "use_effective_conv2d": any(k in f for _, _, f, _, _ in entries for k in ("hada_t1", "lokr_t2")),
     }
     if peft_type == "LOKR":
-        fields["decompose_both"] = any("lokr_w1_a" in f for _, f, _, _ in entries)
+        fields["decompose_both"] = any("lokr_w1_a" in f for _, _, f, _, _ in entries)
     cls = config_class_for(peft_type)
     plan_of = _planner(layers)
     factors_seen = sorted(
-        {s for _, f, _, _ in entries for k in ("lokr_w1", "lokr_w1_a") if k in f for s in f[k].shape[:1]}
+        {s for _, _, f, _, _ in entries for k in ("lokr_w1", "lokr_w1_a") if k in f for s in f[k].shape}
     )
-    error: ValueError | None = None
+    best: tuple[Any, dict[str, ValueError]] | None = None
     for factor in [-1, *factors_seen] if peft_type == "LOKR" else [None]:
         config = cls(**fields, **({} if factor is None else {"decompose_factor": factor}))
-        try:
-            for path, factors, r, alpha in entries:
-                shapes = {k: tuple(v.shape) for k, v in factors.items()}
-                plan_of(peft_type, shapes, r, alpha, config, path, f"{source.path}: {path}")
-        except ValueError as err:
-            error = error or err
+        misfits: dict[str, ValueError] = {}
+        for name, path, factors, r, alpha in entries:
+            shapes = {k: tuple(v.shape) for k, v in factors.items()}
+            try:
+                plan_of(peft_type, shapes, r, alpha, config, path, f"{name} ({path})")
+            except ValueError as err:
+                misfits[path] = err
+        if best is None or len(misfits) < len(best[1]):
+            best = (config, misfits)
+        if not misfits:
+            break
+    assert best is not None
+    config, misfits = best
+    plans: dict[str, AdapterPlan] = {}
+    for _, path, factors, r, alpha in entries:
+        if path not in misfits:
             continue
-        tensors = {checkpoint_key(path, k): v for path, factors, _, _ in entries for k, v in factors.items()}
-        return config, tensors
-    raise CheckpointError(source.path, f"no PEFT {peft_type} config reproduces these factors: {error}")
+        shapes = {k: tuple(v.shape) for k, v in factors.items()}
+        try:
+            layer = layers.get(path) if layers is not None else None
+            plans[path] = file_plan(layer, peft_type, shapes, r, alpha, config)
+        except ValueError as err:
+            raise CheckpointError(source.path, f"{misfits[path]}; and its {err}") from None
+    tensors = {checkpoint_key(path, k): v for _, path, factors, _, _ in entries for k, v in factors.items()}
+    return config, tensors, plans
+
+
+def lycoris_to_peft(
+    source: LycorisFile, module_names: Iterable[str] | Mapping[str, LayerShape], *, prefix: str | None = None
+) -> tuple[LycorisConfig, dict[str, np.ndarray]]:
+    """A PEFT adapter ``(config, {PEFT key: array})`` computing what ``source`` computes in
+    lycoris-lora, for the model whose module paths are ``module_names`` (a mapping to
+    :class:`LayerShape` also checks every factor against its layer). A module whose factors no PEFT
+    config can hold (lycoris-lora's own factorization, :func:`file_plan`) is refused, naming it."""
+    config, tensors, plans = lycoris_adapter(source, module_names, prefix=prefix)
+    if plans:
+        by_path = {path: name for name, path in resolve_names(source.modules, module_names, prefix).items()}
+        path, plan = next(iter(sorted(plans.items())))
+        raise CheckpointError(
+            source.path,
+            f"{by_path[path]} ({path}): its LoKr factors {plan.factor_shapes} factor the layer "
+            f"{plan.weight_shape} in a way no PEFT LoKrConfig gives (lycoris-lora's `factor`, "
+            "`unbalanced_factorization` or `full_matrix`; PEFT's factorization puts its factor first); "
+            f"{len(plans)} module(s) so. A PEFT directory cannot hold it: load the file itself with from_lycoris",
+        )
+    return config, tensors
 
 
 def peft_to_lycoris(
@@ -406,11 +492,13 @@ def peft_to_lycoris(
     *,
     prefix: str = LYCORIS_PREFIX,
     layers: Mapping[str, LayerShape] | None = None,
+    plans: Mapping[str, AdapterPlan] | None = None,
     where: str = "",
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """A LyCORIS file's ``({key: array}, metadata)`` computing what the PEFT adapter computes
     (``layers``: the model's layer shapes, needed only to tell a Conv1d Tucker core from a
-    Conv2d one with a ``(k, 1)`` kernel)."""
+    Conv2d one with a ``(k, 1)`` kernel; ``plans``: modules' own plans, which the config alone
+    cannot give, e.g. a factorization loaded from a LyCORIS file)."""
     names = _FACTORS.get(config.peft_type)
     if names is None:
         raise ValueError(f"{where}: only LoHa and LoKr adapters convert, got {config.peft_type!r}")
@@ -425,8 +513,14 @@ def peft_to_lycoris(
     for path, keys in sorted(by_module.items()):
         factors = {k: np.asarray(tensors[key]) for k, key in keys.items()}
         shapes = {k: tuple(v.shape) for k, v in factors.items()}
-        r, alpha = resolve_rank_alpha(config, path)
-        plan = plan_of(config.peft_type, shapes, r, alpha, config, path, f"{where}: {path}" if where else path)
+        if plans is not None and path in plans:
+            plan = plans[path]
+            r, alpha = plan.r, plan.alpha
+            if plan.factor_shapes != shapes:
+                raise ValueError(f"{where}: {path}: factors {shapes} are not its plan's {plan.factor_shapes}")
+        else:
+            r, alpha = resolve_rank_alpha(config, path)
+            plan = plan_of(config.peft_type, shapes, r, alpha, config, path, f"{where}: {path}" if where else path)
         _check_representable(path, config.peft_type, shapes)
         name = lycoris_name(path, prefix)
         if name in owners:
@@ -500,19 +594,17 @@ def as_peft_directory(
         yield directory
 
 
-def save_through_peft(
-    save_pretrained: Callable[[str], None],
-    adapter_name: str,
+def save_adapter(
     path: str | os.PathLike,
+    config: LycorisConfig,
+    tensors: Mapping[str, np.ndarray],
+    plans: Mapping[str, AdapterPlan],
     *,
     prefix: str = LYCORIS_PREFIX,
-    layers: Mapping[str, LayerShape] | None = None,
+    where: str = "",
 ) -> None:
-    """Write the LyCORIS file of what ``save_pretrained(directory)`` writes in PEFT's layout (a
-    non-default adapter in ``directory/<adapter_name>/``), crash-safely."""
-    with tempfile.TemporaryDirectory() as directory:
-        save_pretrained(directory)
-        subdirectory = os.path.join(directory, "" if adapter_name == "default" else adapter_name)
-        config, tensors = read_peft(subdirectory, allow_nonfinite=True)  # written as the adapter holds it
-    out, metadata = peft_to_lycoris(config, tensors, prefix=prefix, layers=layers, where=adapter_name)
+    """Write an adapter (``config``, its tensors under PEFT's keys, ``{module: plan}``) as a LyCORIS file,
+    crash-safely: what every front end's ``save_lycoris`` calls."""
+    layers = {name: plan.layer for name, plan in plans.items()}
+    out, metadata = peft_to_lycoris(config, tensors, prefix=prefix, layers=layers, plans=plans, where=where)
     save_lycoris(path, out, metadata)

@@ -18,6 +18,7 @@ __all__ = [
     "AdapterPlan",
     "LayerShape",
     "all_factor_names",
+    "candidate_layers",
     "factor_names",
     "factorization",
     "fan_in",
@@ -282,7 +283,7 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def _candidate_layers(peft_type: str, f: Mapping[str, tuple[int, ...]]) -> list[LayerShape]:
+def candidate_layers(peft_type: str, f: Mapping[str, tuple[int, ...]]) -> list[LayerShape]:
     """Layer shapes whose plans could have produced factor shapes ``f`` (missing keys: none)."""
 
     def conv(out: int, inp: int, kernel: tuple[int, ...]) -> list[LayerShape]:
@@ -331,7 +332,7 @@ def plan_from_factors(
     unknown = sorted(set(found) - set(names))
     if unknown:
         raise ValueError(f"{where}: {unknown} are not {peft_type} factors")
-    candidates = _candidate_layers(peft_type, found)
+    candidates = candidate_layers(peft_type, found)
     plans = []
     for layer in candidates:
         try:

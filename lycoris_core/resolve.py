@@ -26,7 +26,16 @@ from typing import Any
 from lycoris_core.plan import AdapterPlan, LayerShape, method_kinds, plan_adapter
 from lycoris_core.targets import check_target_module_exists, match_targets, resolve_rank_alpha
 
-__all__ = ["SEQ_CLS_HEADS", "Layer", "exact_pattern", "exact_targets", "resolve", "saved_config", "table_shapes"]
+__all__ = [
+    "SEQ_CLS_HEADS",
+    "Layer",
+    "check_peft_plans",
+    "exact_pattern",
+    "exact_targets",
+    "resolve",
+    "saved_config",
+    "table_shapes",
+]
 
 #: Top-level heads PEFT leaves out of ``"all-linear"`` for ``task_type="SEQ_CLS"`` models without an
 #: output embedding (PEFT's ``SEQ_CLS_HEAD_NAMES``; the first one the model has).
@@ -69,6 +78,7 @@ def resolve(
     one_scale_per_stack: bool = False,
     front_end: str = "",
     kind_names: Mapping[str, str] | None = None,
+    plans: Mapping[str, AdapterPlan] | None = None,
 ) -> dict[str, AdapterPlan]:
     """``{module name: AdapterPlan}`` for every module of ``table`` that ``config`` targets, in table order.
 
@@ -82,7 +92,8 @@ def resolve(
     ``one_scale_per_stack`` (``nn.scan`` applies one adapter to every step) also one ``alpha / r`` and
     no layer left out. A layer whose kind the method does not adapt (``lycoris_core.plan.method_kinds``)
     is a ``TypeError`` naming the supported classes (``kind_names``: the front end's class per kind).
-    Nothing is modified.
+    ``plans``: modules' own plans, which replace the config's (a LyCORIS file's factorization,
+    ``lycoris_core.kohya.file_plan``); each must be for its layer. Nothing is modified.
     """
     if config.modules_to_save and not modules_to_save:
         raise ValueError(
@@ -98,7 +109,7 @@ def resolve(
     if all_linear:
         _warn_skipped({n: table[n].skip for n in names if table[n].skip and n not in outputs})
     match = match_targets(config, names, linear_names=linear, output_names=outputs, model_type=model_type)
-    plans: dict[str, AdapterPlan] = {}
+    own, out = plans, {}
     for name in match.targeted:
         row = table[name]
         if row.shared:
@@ -120,10 +131,15 @@ def resolve(
                 f"{name}: target module of type {row.type_name or row.shape.kind} not supported, "
                 f"currently only adapters for {supported} are supported"
             )
+        if own is not None and name in own:
+            if own[name].layer.weight_shape != row.shape.weight_shape or own[name].peft_type != config.peft_type:
+                raise ValueError(f"{name}: its plan is for a {own[name].peft_type} layer {own[name].weight_shape}")
+            out[name] = own[name]
+            continue
         r, alpha = resolve_rank_alpha(config, name)
-        plans[name] = plan(row.shape, r, alpha, config, where=name)
-    _check_stacks(table, plans, one_scale_per_stack)
-    return plans
+        out[name] = plan(row.shape, r, alpha, config, where=name)
+    _check_stacks(table, out, one_scale_per_stack)
+    return out
 
 
 def _warn_skipped(skipped: Mapping[str, str]) -> None:
@@ -210,6 +226,20 @@ def saved_config(config: Any, adapted: Collection[str], module_names: Iterable[s
     return out
 
 
-def table_shapes(table: Mapping[str, Layer]) -> dict[str, LayerShape]:
-    """``{module name: LayerShape}`` of the rows a front end can adapt."""
-    return {name: row.shape for name, row in table.items() if name and row.shape is not None}
+def check_peft_plans(config: Any, plans: Mapping[str, AdapterPlan]) -> None:
+    """Refuse (a ``ValueError`` naming the module) a plan no PEFT config can hold: one whose factors
+    are not what ``config`` gives for its layer (a LyCORIS file's own factorization)."""
+    for name, plan in plans.items():
+        r, alpha = resolve_rank_alpha(config, name)
+        peft = plan_adapter(plan.layer, r, alpha, config, where=name)
+        if peft.factor_shapes != plan.factor_shapes:
+            raise ValueError(
+                f"{name}: its factors {plan.factor_shapes} (a LyCORIS file's own factorization) are not what any "
+                f"PEFT config gives for its layer {plan.weight_shape} ({peft.factor_shapes} under this one): a "
+                "PEFT directory cannot hold them; save_lycoris writes the adapter as a LyCORIS file"
+            )
+
+
+def table_shapes(table: Mapping[str, Layer]) -> dict[str, LayerShape | None]:
+    """``{module name: LayerShape}`` of a table (``None`` for a module this front end cannot adapt)."""
+    return {name: row.shape for name, row in table.items() if name}

@@ -36,8 +36,9 @@ import jax
 from flax import traverse_util
 
 from lycoris_core import LycorisConfig, check_adapter_name, kohya
+from lycoris_core.files import Checkpoint
 from lycoris_core.paths import check_forward_path
-from lycoris_core.resolve import Layer
+from lycoris_core.resolve import Layer, table_shapes
 from lycoris_jax import functional, pytree
 from lycoris_jax.adapted import Active, Site, adapted_call
 from lycoris_jax.layer import check_branch_dtype
@@ -263,6 +264,7 @@ def _plan(
     example_kwargs: Mapping[str, Any] | None,
     rename: pytree.Rename,
     stacks: Sequence[str],
+    plans: Mapping[str, Any] | None = None,
 ) -> dict[str, pytree.Target]:
     """The targets of ``config`` for the Linen transform: the pytree API's table of kernels, refined by
     what one traced call shows (``example_args``): each layer's kind, a layer type the transform does
@@ -300,7 +302,7 @@ def _plan(
         return table
 
     return pytree._targets(
-        params, config, all_kinds, output_modules, rename, stacks, table=refine, one_scale_per_stack=True
+        params, config, all_kinds, output_modules, rename, stacks, table=refine, one_scale_per_stack=True, plans=plans
     )
 
 
@@ -446,11 +448,46 @@ def save_lycoris(
 
 
 def from_lycoris(
-    path: str | os.PathLike, module: nn.Module, params: Any, *, prefix: str | None = None, **kwargs: Any
+    path: str | os.PathLike,
+    module: nn.Module,
+    params: Any,
+    *,
+    prefix: str | None = None,
+    example_args: tuple = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    adapter_name: str = "default",
+    kinds: Mapping[str, pytree.KindSpec] | None = None,
+    output_modules: Sequence[str] = ("lm_head",),
+    autocast_adapter_dtype: bool = True,
+    allow_nonfinite: bool = False,
+    rename: pytree.Rename = None,
+    stacks: Sequence[str] = (),
+    **options: Any,
 ) -> tuple[LycorisModule, dict]:
     """``(wrapped module, factors collection)`` from a LyCORIS/kohya single file; names resolve against
-    ``params`` (``prefix``: the file's, found when not given); ``kwargs`` as in :func:`from_pretrained`."""
-    names = pytree.module_names(params, rename=kwargs.get("rename"), stacks=kwargs.get("stacks", ()))
-    allow = kwargs.get("allow_nonfinite", False)
-    with kohya.as_peft_directory(path, names, prefix=prefix, allow_nonfinite=allow) as directory:
-        return from_pretrained(directory, module, params, **kwargs)
+    ``params`` (``prefix``: the file's, found when not given), and it computes what lycoris-lora
+    computes (``lycoris_core.kohya.lycoris_adapter``); other arguments as in :func:`from_pretrained`."""
+    check_adapter_name(adapter_name)
+    rows, _ = pytree._table(pytree._kernels(params, rename, stacks), kinds or {}, output_modules)
+    source = kohya.read_lycoris(path, allow_nonfinite=allow_nonfinite)
+    config, tensors, own = kohya.lycoris_adapter(source, table_shapes(rows), prefix=prefix)
+
+    def plan(config: LycorisConfig) -> dict[str, pytree.Target]:
+        return _plan(
+            module,
+            params,
+            config,
+            kinds=kinds,
+            output_modules=output_modules,
+            example_args=example_args,
+            example_kwargs=example_kwargs,
+            rename=rename,
+            stacks=stacks,
+            plans=own,
+        )
+
+    checkpoint = Checkpoint(source.path, tensors)
+    adapter = pytree._build(
+        source.path, config, checkpoint, params, plan, adapter_name, autocast_adapter_dtype, rename, stacks
+    )
+    return wrap(module, adapter, **options), collection_of(adapter)

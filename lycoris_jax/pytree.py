@@ -50,9 +50,9 @@ from lycoris_core import (
     kohya,
 )
 from lycoris_core.errors import CheckpointError
-from lycoris_core.files import read_adapter_files, save_adapters
+from lycoris_core.files import Checkpoint, read_adapter_files, save_adapters
 from lycoris_core.plan import factor_names
-from lycoris_core.resolve import Layer, resolve, saved_config
+from lycoris_core.resolve import Layer, check_peft_plans, resolve, saved_config, table_shapes
 from lycoris_core.state import check_checkpoint, check_scale
 from lycoris_core.targets import NoMatchingModuleError
 from lycoris_core.tensors import dump_safetensors, read_tensors
@@ -338,6 +338,7 @@ def _targets(
     *,
     table: Callable[[dict[str, Layer]], dict[str, Layer]] | None = None,
     one_scale_per_stack: bool = False,
+    plans: Mapping[str, AdapterPlan] | None = None,
 ) -> dict[str, Target]:
     """Match the config's targets against the modules of ``params`` (``lycoris_core.resolve``; a stack's
     layers one by one, as PEFT sees the unstacked model) and plan each (no arrays made). ``table``:
@@ -350,7 +351,12 @@ def _targets(
     if table is not None:
         rows = table(rows)
     plans = resolve(
-        config, rows, modules_to_save=False, one_scale_per_stack=one_scale_per_stack, front_end="the pytree API"
+        config,
+        rows,
+        modules_to_save=False,
+        one_scale_per_stack=one_scale_per_stack,
+        front_end="the pytree API",
+        plans=plans,
     )
     targets = {}
     for module, k in kernels.items():
@@ -547,16 +553,16 @@ def save_pretrained(adapter: Adapter, directory: str | os.PathLike) -> None:
     if not tensors:
         raise ValueError("nothing to save: the adapter holds no factors")
     names = adapter.module_names or tuple(adapter.plans)
+    check_peft_plans(adapter.config, adapter.plans)
     config = saved_config(adapter.config, adapter.plans, names)
     save_adapters(directory, {adapter.adapter_name: (config, dump_safetensors(tensors, SAFETENSORS_METADATA))})
 
 
 def save_lycoris(adapter: Adapter, path: str | os.PathLike, *, prefix: str = kohya.LYCORIS_PREFIX) -> None:
     """A LyCORIS/kohya single file (crash-safe) computing what ``adapter`` computes, for lycoris-lora
-    and kohya-style tools (``lycoris_core.kohya.peft_to_lycoris``)."""
-    layers = {name: plan.layer for name, plan in adapter.plans.items()}
-    save = lambda directory: save_pretrained(adapter, directory)  # noqa: E731
-    kohya.save_through_peft(save, adapter.adapter_name, path, prefix=prefix, layers=layers)
+    and kohya-style tools (``lycoris_core.kohya.save_adapter``)."""
+    tensors = {k: np.asarray(jax.device_get(v)) for k, v in adapter.state_dict().items()}
+    kohya.save_adapter(path, adapter.config, tensors, adapter.plans, prefix=prefix, where=adapter.adapter_name)
 
 
 def module_names(params: Any, *, rename: Rename = None, stacks: Sequence[str] = ()) -> list[str]:
@@ -564,14 +570,30 @@ def module_names(params: Any, *, rename: Rename = None, stacks: Sequence[str] = 
     return [name for module, k in _kernels(params, rename, stacks).items() for name in (k.layers or (module,))]
 
 
-def from_lycoris(path: str | os.PathLike, params: Any, *, prefix: str | None = None, **kwargs: Any) -> Adapter:
+def from_lycoris(
+    path: str | os.PathLike,
+    params: Any,
+    *,
+    prefix: str | None = None,
+    adapter_name: str = "default",
+    kinds: Mapping[str, KindSpec] | None = None,
+    output_modules: Sequence[str] = ("lm_head",),
+    autocast_adapter_dtype: bool = True,
+    allow_nonfinite: bool = False,
+    rename: Rename = None,
+    stacks: Sequence[str] = (),
+) -> Adapter:
     """Load a LyCORIS/kohya single-file adapter for ``params``: its underscore names resolve against
-    :func:`module_names` (``prefix``: the file's, found when not given); ``kwargs`` as in
-    :func:`from_pretrained`."""
-    names = module_names(params, rename=kwargs.get("rename"), stacks=kwargs.get("stacks", ()))
-    allow = kwargs.get("allow_nonfinite", False)
-    with kohya.as_peft_directory(path, names, prefix=prefix, allow_nonfinite=allow) as directory:
-        return from_pretrained(directory, params, **kwargs)
+    :func:`module_names` (``prefix``: the file's, found when not given), and it computes what
+    lycoris-lora computes (``lycoris_core.kohya.lycoris_adapter``: a factorization no PEFT config gives
+    keeps the file's plan); other arguments as in :func:`from_pretrained`."""
+    check_adapter_name(adapter_name)
+    rows, _ = _table(_kernels(params, rename, stacks), kinds or {}, output_modules)
+    source = kohya.read_lycoris(path, allow_nonfinite=allow_nonfinite)
+    config, tensors, own = kohya.lycoris_adapter(source, table_shapes(rows), prefix=prefix)
+    plan = lambda config: _targets(params, config, kinds, output_modules, rename, stacks, plans=own)  # noqa: E731
+    checkpoint = Checkpoint(source.path, tensors)
+    return _build(source.path, config, checkpoint, params, plan, adapter_name, autocast_adapter_dtype, rename, stacks)
 
 
 def read_config(directory: str | os.PathLike) -> LycorisConfig:
@@ -615,16 +637,33 @@ def _load(
     """A PEFT directory's adapter on the targets ``plan(config)`` gives (the pytree API's or the Linen
     transform's), every key, factor set, shape and dtype checked first; errors name the file."""
     files = read_adapter_files(directory)
-    config = files.config
     try:
-        method_for(config.peft_type)
+        method_for(files.config.peft_type)
     except ValueError as err:
         raise CheckpointError(files.weights, f"the pytree API cannot load it: {err}") from None
     tensors = read_tensors(files, allow_nonfinite=allow_nonfinite)
+    return _build(
+        os.fspath(directory), files.config, tensors, params, plan, adapter_name, autocast_adapter_dtype, rename, stacks
+    )
+
+
+def _build(
+    source: str,
+    config: LycorisConfig,
+    tensors: Checkpoint,
+    params: Any,
+    plan: Callable[[LycorisConfig], dict[str, Target]],
+    adapter_name: str,
+    autocast_adapter_dtype: bool,
+    rename: Rename,
+    stacks: Sequence[str],
+) -> Adapter:
+    """The adapter of ``config`` with the values of ``tensors`` (PEFT's keys, read from ``source``: a
+    directory or a LyCORIS file) on the targets ``plan(config)`` gives, every factor checked first."""
     try:
         targets = plan(config)
     except NoMatchingModuleError as err:
-        raise NoMatchingModuleError(f"{os.fspath(directory)}: the adapter's config: {err}") from None
+        raise NoMatchingModuleError(f"{source}: the adapter's config: {err}") from None
     kernels = _kernels(params, rename, stacks)
     plans = {name: plan for module, target in targets.items() for name, plan in target.module_plans(module).items()}
     every = [name for module, k in kernels.items() for name in (k.layers or (module,))]
@@ -633,9 +672,9 @@ def _load(
             plans, {k: tuple(v.shape) for k, v in tensors.items()}, factor_names(config.peft_type), every
         )
     except ValueError as err:
-        raise CheckpointError(files.weights, str(err)) from None
+        raise CheckpointError(tensors.path, str(err)) from None
     if other:
-        raise CheckpointError(files.weights, f"keys that are no {config.peft_type} factors: {sorted(other.values())}")
+        raise CheckpointError(tensors.path, f"keys that are no {config.peft_type} factors: {sorted(other.values())}")
     factors = {}
     for module, target in targets.items():
         dtype = functional.adapter_dtype(kernels[module].array.dtype, autocast_adapter_dtype)

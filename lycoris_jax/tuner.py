@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lycoris_core import LoHaConfig, LoKrConfig, LycorisConfig
+from lycoris_core import LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError
 from lycoris_core.bookkeeping import TunerBookkeeping
 from lycoris_core.paths import check_forward_path
 from lycoris_core.plan import AdapterPlan
@@ -91,6 +91,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         branch_dtype: str = "adapter",
         forward_path: str = "auto",
         output_modules: Sequence[str] = ("lm_head",),
+        plans: Mapping[str, AdapterPlan] | None = None,
     ) -> None:
         """Inject ``adapter_name`` into ``model`` (in place) and make it active.
 
@@ -107,7 +108,8 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         and ``"factored"`` per call), one of those, or ``"peft"`` (PEFT's two-branch arithmetic).
         ``output_modules``: the model's output layers (names, or dot-suffixes of names), which
         ``target_modules="all-linear"`` leaves out as PEFT leaves out a transformers model's output
-        embedding; a model's own ``get_output_embeddings()`` counts too.
+        embedding; a model's own ``get_output_embeddings()`` counts too. ``plans``: modules' own plans
+        in place of the config's (:meth:`from_lycoris` passes a LyCORIS file's factorization).
         """
         self.stacks = tuple(stacks)
         self.output_modules = tuple(output_modules)
@@ -118,7 +120,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         self.peft_config: dict[str, LycorisConfig] = {}
         self.active_adapter: list[str] = [adapter_name]
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self._add(adapter_name, config, state_dict)
+        self._add(adapter_name, config, state_dict, plans)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -174,7 +176,9 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
             )
             for layer_name in names:
                 shape, error, skip = None, None, ""
-                if not isinstance(base, SUPPORTED_LAYERS):
+                if isinstance(base, nnx.bridge.ToNNX):
+                    error = TypeError(f"{layer_name}: {_BRIDGED}")
+                elif not isinstance(base, SUPPORTED_LAYERS):
                     supported = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
                     error = TypeError(
                         f"{layer_name}: target module of type {type(base).__name__} not supported, "
@@ -201,6 +205,16 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
                     type_name=type(base).__name__,
                 )
         return table
+
+    def _resolve_targets(self, config: LycorisConfig, table: Any = None, plans: Any = None) -> dict[str, AdapterPlan]:
+        """As for every tuner; when nothing matches in a model that wraps Linen modules, say why."""
+        try:
+            return super()._resolve_targets(config, table, plans)
+        except NoMatchingModuleError as err:
+            bridged = [name for name, (_, m) in self._modules().items() if isinstance(m, nnx.bridge.ToNNX)]
+            if not bridged:
+                raise
+            raise NoMatchingModuleError(f"{err} The model has nnx.bridge.ToNNX at {bridged}: {_BRIDGED}") from None
 
     def _modules(self) -> dict[str, tuple[Path, nnx.Module]]:
         return self._walk(self.model)[0]
@@ -387,6 +401,13 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
     @staticmethod
     def _numpy(array: Any) -> np.ndarray:
         return np.asarray(jax.device_get(array))
+
+
+_BRIDGED = (
+    "an nnx.bridge.ToNNX wraps a Linen module, whose layers are not NNX modules: adapt them with "
+    "lycoris_jax.pytree on nnx.state(model, nnx.Param) (pytree.merge, then nnx.update), or with "
+    "lycoris_jax.linen on the Linen module itself"
+)
 
 
 def _stack_of(name: str, stacks: Sequence[str]) -> tuple[str, str] | None:

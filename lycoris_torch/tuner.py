@@ -86,6 +86,7 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         autocast_adapter_dtype: bool = True,
         state_dict: Mapping[str, Any] | None = None,
         forward_path: str = "auto",
+        plans: Mapping[str, AdapterPlan] | None = None,
     ) -> None:
         """Inject ``adapter_name`` into ``model`` (in place) and make it active.
 
@@ -93,6 +94,8 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         checked against the planned shapes before the model is touched. ``forward_path`` says how
         the forward pass computes the adapters (``lycoris_core.paths``): ``"auto"`` (the cheaper of
         ``"merged"`` and ``"factored"`` per call), one of those, or ``"peft"`` (PEFT's arithmetic).
+        ``plans``: modules' own plans in place of the config's (:meth:`from_lycoris` passes a LyCORIS
+        file's factorization).
         """
         nn.Module.__init__(self)
         self.forward_path = check_forward_path(forward_path)
@@ -101,7 +104,7 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         self.peft_config: dict[str, LycorisConfig] = {}
         self.active_adapter: list[str] = [adapter_name]
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self._add(adapter_name, config, state_dict)
+        self._add(adapter_name, config, state_dict, plans)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

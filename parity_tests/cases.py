@@ -225,23 +225,7 @@ def front_ops(case: Case, front: str, ops: tuple[str, ...]) -> tuple[str, ...]:
 #: Cells that fail on a known bug in the library, until it is fixed: ``(cell id pattern (fnmatch), op,
 #: substring of the failing check, note)``. Only the failures containing the substring are expected; a
 #: matching cell whose expected failure stops happening fails, so the entries go with the fix.
-_LINEN_MERGED_DTYPE = (
-    "lycoris_jax.linen: the merged path (forward_path='merged', or a grouped conv, which cannot be factored) of "
-    "a bf16/fp16 layer returns float32: LycorisModule._intercept returns paths.folded_call's result in the folded "
-    "kernel's promoted dtype and never casts it back to the layer's output dtype (NNX does, PEFT does)"
-)
-EXPECTED_FAILURES: tuple[tuple[str, str, str, str], ...] = tuple(
-    (pattern, "forward", f"forward linen: dtype float32, PEFT {name}", _LINEN_MERGED_DTYPE)
-    for dtype, name in (("bf16", "bfloat16"), ("fp16", "float16"))
-    for pattern in (
-        f"*-{dtype}-*-merged-linen",
-        f"*-conv2d_grouped-{dtype}-*-factored-linen",
-        f"*-conv2d_grouped-{dtype}-plain-linen",
-        f"*-conv2d_grouped-{dtype}-plain-arange-linen",
-        f"*-conv2d_grouped-{dtype}-r1-linen",
-        f"*-conv2d_grouped-{dtype}-r1-arange-linen",
-    )
-)
+EXPECTED_FAILURES: tuple[tuple[str, str, str, str], ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------- the matrix
