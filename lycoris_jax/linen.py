@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import os
 import re
 import warnings
@@ -36,9 +37,8 @@ import jax
 from flax import traverse_util
 
 from lycoris_core import LycorisConfig, check_adapter_name, kohya
-from lycoris_core.files import Checkpoint
 from lycoris_core.paths import check_forward_path
-from lycoris_core.resolve import Layer, table_shapes
+from lycoris_core.resolve import Layer
 from lycoris_jax import functional, pytree
 from lycoris_jax.adapted import Active, Site, adapted_call
 from lycoris_jax.layer import check_branch_dtype
@@ -420,20 +420,17 @@ def from_pretrained(
     ``params`` (as :func:`lycoris_jax.pytree.from_pretrained`); ``example_args`` and ``kinds`` as in
     :func:`adapt`; ``options`` are :class:`LycorisModule` fields."""
     check_adapter_name(adapter_name)
-
-    def plan(config: LycorisConfig) -> dict[str, pytree.Target]:
-        return _plan(
-            module,
-            params,
-            config,
-            kinds=kinds,
-            output_modules=output_modules,
-            example_args=example_args,
-            example_kwargs=example_kwargs,
-            rename=rename,
-            stacks=stacks,
-        )
-
+    plan = functools.partial(
+        _plan,
+        module,
+        params,
+        kinds=kinds,
+        output_modules=output_modules,
+        example_args=example_args,
+        example_kwargs=example_kwargs,
+        rename=rename,
+        stacks=stacks,
+    )
     adapter = pytree._load(
         directory, params, plan, adapter_name, autocast_adapter_dtype, allow_nonfinite, rename, stacks
     )
@@ -467,27 +464,28 @@ def from_lycoris(
     """``(wrapped module, factors collection)`` from a LyCORIS/kohya single file; names resolve against
     ``params`` (``prefix``: the file's, found when not given), and it computes what lycoris-lora
     computes (``lycoris_core.kohya.lycoris_adapter``); other arguments as in :func:`from_pretrained`."""
-    check_adapter_name(adapter_name)
-    rows, _ = pytree._table(pytree._kernels(params, rename, stacks), kinds or {}, output_modules)
-    source = kohya.read_lycoris(path, allow_nonfinite=allow_nonfinite)
-    config, tensors, own = kohya.lycoris_adapter(source, table_shapes(rows), prefix=prefix)
-
-    def plan(config: LycorisConfig) -> dict[str, pytree.Target]:
-        return _plan(
-            module,
-            params,
-            config,
-            kinds=kinds,
-            output_modules=output_modules,
-            example_args=example_args,
-            example_kwargs=example_kwargs,
-            rename=rename,
-            stacks=stacks,
-            plans=own,
-        )
-
-    checkpoint = Checkpoint(source.path, tensors)
-    adapter = pytree._build(
-        source.path, config, checkpoint, params, plan, adapter_name, autocast_adapter_dtype, rename, stacks
+    planner = functools.partial(
+        _plan,
+        module,
+        params,
+        kinds=kinds,
+        output_modules=output_modules,
+        example_args=example_args,
+        example_kwargs=example_kwargs,
+        rename=rename,
+        stacks=stacks,
+    )
+    adapter = pytree._from_file(
+        path,
+        params,
+        lambda config, own: planner(config, plans=own),
+        prefix,
+        adapter_name,
+        kinds,
+        output_modules,
+        autocast_adapter_dtype,
+        allow_nonfinite,
+        rename,
+        stacks,
     )
     return wrap(module, adapter, **options), collection_of(adapter)

@@ -587,13 +587,52 @@ def from_lycoris(
     :func:`module_names` (``prefix``: the file's, found when not given), and it computes what
     lycoris-lora computes (``lycoris_core.kohya.lycoris_adapter``: a factorization no PEFT config gives
     keeps the file's plan); other arguments as in :func:`from_pretrained`."""
+    plan = lambda config, own: _targets(params, config, kinds, output_modules, rename, stacks, plans=own)  # noqa: E731
+    return _from_file(
+        path,
+        params,
+        plan,
+        prefix,
+        adapter_name,
+        kinds,
+        output_modules,
+        autocast_adapter_dtype,
+        allow_nonfinite,
+        rename,
+        stacks,
+    )
+
+
+def _from_file(
+    path: str | os.PathLike,
+    params: Any,
+    plan: Callable[[LycorisConfig, Mapping[str, AdapterPlan]], dict[str, Target]],
+    prefix: str | None,
+    adapter_name: str,
+    kinds: Mapping[str, KindSpec] | None,
+    output_modules: Sequence[str],
+    autocast_adapter_dtype: bool,
+    allow_nonfinite: bool,
+    rename: Rename,
+    stacks: Sequence[str],
+) -> Adapter:
+    """A LyCORIS file's adapter on the targets ``plan(config, the file's own plans)`` gives (the pytree
+    API's or the Linen transform's); errors name the file and its modules."""
     check_adapter_name(adapter_name)
     rows, _ = _table(_kernels(params, rename, stacks), kinds or {}, output_modules)
     source = kohya.read_lycoris(path, allow_nonfinite=allow_nonfinite)
     config, tensors, own = kohya.lycoris_adapter(source, table_shapes(rows), prefix=prefix)
-    plan = lambda config: _targets(params, config, kinds, output_modules, rename, stacks, plans=own)  # noqa: E731
-    checkpoint = Checkpoint(source.path, tensors)
-    return _build(source.path, config, checkpoint, params, plan, adapter_name, autocast_adapter_dtype, rename, stacks)
+    return _build(
+        source.path,
+        config,
+        Checkpoint(source.path, tensors),
+        params,
+        lambda config: plan(config, own),
+        adapter_name,
+        autocast_adapter_dtype,
+        rename,
+        stacks,
+    )
 
 
 def read_config(directory: str | os.PathLike) -> LycorisConfig:

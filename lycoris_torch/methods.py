@@ -1,5 +1,5 @@
-"""One record per LyCORIS method: PEFT's type and factor names, its plan, and its math in PyTorch
-(twin of ``lycoris_jax.methods``, same names and fields).
+"""LyCORIS methods in PyTorch: one record each (``lycoris_core.methods.Method``) with this
+framework's math (twin of ``lycoris_jax.methods``, same names).
 
 >>> import lycoris_torch as lt
 >>> lt.methods.method_for("LOHA").factor_names[:2]
@@ -8,62 +8,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from lycoris_core.plan import LOHA_FACTORS, LOKR_FACTORS, Planner, plan_loha, plan_lokr, register_plan
+from lycoris_core.methods import Method, Registry
+from lycoris_core.plan import LOHA_FACTORS, LOKR_FACTORS, plan_loha, plan_lokr
 from lycoris_torch import loha, lokr
 
 __all__ = ["LOHA", "LOKR", "METHODS", "Method", "method_for", "register"]
 
-
-@dataclass(frozen=True)
-class Method:
-    """A LyCORIS method.
-
-    ``delta_weight(factors, scale, weight_shape)``: ΔW in the weight's layout (the one required piece).
-    Optional, each a faster route where the algebra allows it (``None``: ΔW is formed instead):
-    ``linear_forward(x (N, in), factors, scale) -> (N, out)`` and ``linear_grads(x, dy, factors, scale)
-    -> (dx, dfactors)``, a Linear's branch and its backward without ΔW; ``conv_forward(conv, x,
-    factors, scale, weight_shape)``, an ungrouped conv's branch without ΔW. ``kinds``: the layer kinds
-    it adapts.
-    """
-
-    peft_type: str
-    factor_names: tuple[str, ...]
-    plan: Planner
-    delta_weight: Callable
-    linear_forward: Callable | None = None
-    linear_grads: Callable | None = None
-    conv_forward: Callable | None = None
-    kinds: frozenset[str] = frozenset({"linear", "conv1d", "conv2d"})
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    """Add ``method`` (its plan goes to ``lycoris_core.plan.register_plan``); returns it."""
-    register_plan(method.peft_type, method.factor_names, method.plan, method.kinds)
-    METHODS[method.peft_type] = method
-    return method
-
-
-def method_for(peft_type: str) -> Method:
-    """The registered record of ``peft_type``; a ``ValueError`` naming the registered ones otherwise."""
-    try:
-        return METHODS[peft_type]
-    except KeyError:
-        raise ValueError(f"unknown peft_type {peft_type!r}; registered methods: {sorted(METHODS)}") from None
-
+METHODS = Registry()
+register, method_for = METHODS.register, METHODS.method_for
 
 LOKR = register(
     Method(
-        "LOKR", LOKR_FACTORS, plan_lokr, lokr.delta_weight, lokr.linear_forward, lokr.linear_grads, lokr.conv_forward
+        "LOKR",
+        LOKR_FACTORS,
+        plan_lokr,
+        lokr.delta_weight,
+        linear_forward=lokr.linear_forward,
+        linear_grads=lokr.linear_grads,
+        conv_forward=lokr.conv_forward,
     )
 )
 LOHA = register(
     Method(
-        "LOHA", LOHA_FACTORS, plan_loha, loha.delta_weight, loha.linear_forward, loha.linear_grads, loha.conv_forward
+        "LOHA",
+        LOHA_FACTORS,
+        plan_loha,
+        loha.delta_weight,
+        linear_forward=loha.linear_forward,
+        linear_grads=loha.linear_grads,
+        conv_forward=loha.conv_forward,
     )
 )

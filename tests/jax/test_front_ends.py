@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -214,3 +216,119 @@ def test_an_nnx_model_wrapping_linen_modules_says_so():
         lj.LoHaModel(Wrapped(), lj.LoHaConfig(r=2, target_modules=["dense"]))
     with pytest.raises(lj.NoMatchingModuleError, match=r"nnx.bridge.ToNNX at \['dense'\].*lycoris_jax.pytree"):
         lj.LoHaModel(Wrapped(), lj.LoHaConfig(r=2, target_modules=["q_proj"]))
+
+
+# ---------------------------------------------------------------------------------------------- the catalogue
+def _file(tmp_path, tensors) -> str:
+    from lycoris_core import kohya
+
+    path = str(tmp_path / "f.safetensors")
+    kohya.save_lycoris(path, {k: np.asarray(v, np.float32) for k, v in tensors.items()}, {})
+    return path
+
+
+def _torch_fc():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32)).eval()
+
+
+def _own_factorization_file(tmp_path) -> str:
+    """W1 (1, 8) and W2 (32, 2): 16 inputs as 8 x 2, which lycoris-lora's factor 8 gives and no PEFT
+    config does for a (32, 16) Linear together with its 32 outputs as 1 x 32."""
+    rng = np.random.default_rng(0)
+    return _file(
+        tmp_path,
+        {
+            "lycoris_0.lokr_w1": rng.standard_normal((1, 8)),
+            "lycoris_0.lokr_w2": rng.standard_normal((32, 2)),
+            "lycoris_0.alpha": 1.0,
+        },
+    )
+
+
+def _linen_scan(tmp_path):
+    from tests.jax.test_stacks import LinenScanned, config, stacked_params, torch_net
+
+    cfg = config("lokr", alpha_pattern={"layers.2.mlp": 16})
+    linen.adapt(LinenScanned(), stacked_params(torch_net()), cfg, key=jax.random.key(0), stacks=["layers"])
+
+
+def _linen_unread(tmp_path):
+    module, x = nn.Sequential([nn.Dense(8)]), jnp.ones((2, 6))
+    params = {**module.init(jax.random.key(0), x)["params"], "unused": {"kernel": jnp.ones((4, 4))}}
+    linen.adapt(module, params, lj.LoHaConfig(target_modules=["unused"]), key=jax.random.key(0), example_args=(x,))
+
+
+def _gpt2_unknown(tmp_path):
+    model = _gpt2()
+    cfg = lj.LoKrConfig(r=2, target_modules=["c_fc"])
+    linen.adapt(model.module, model.params, cfg, key=jax.random.key(0), example_args=_linen_args(np.arange(4)[None]))
+
+
+def _tonnx(tmp_path):
+    class Wrapped(nnx.Module):
+        def __init__(self):
+            self.dense = nnx.bridge.ToNNX(nn.Dense(8), rngs=nnx.Rngs(0))
+            nnx.bridge.lazy_init(self.dense, jnp.ones((1, 4)))
+
+    lj.LoHaModel(Wrapped(), lj.LoHaConfig(r=2, target_modules=["q_proj"]))
+
+
+def _no_layer_fits(tmp_path):
+    rng = np.random.default_rng(0)
+    path = _file(
+        tmp_path, {"lycoris_0.lokr_w1": rng.standard_normal((3, 3)), "lycoris_0.lokr_w2": rng.standard_normal((10, 5))}
+    )
+    lt.LycorisTuner.from_lycoris(_torch_fc(), path)
+
+
+def _to_peft(tmp_path):
+    from lycoris_core import kohya
+
+    kohya.lycoris_to_peft(
+        kohya.read_lycoris(_own_factorization_file(tmp_path)), {"0": lt.layer.layer_shape_of(_torch_fc()[0])}
+    )
+
+
+def _save_own(tmp_path):
+    tuner = lt.LycorisTuner.from_lycoris(_torch_fc(), _own_factorization_file(tmp_path))
+    tuner.save_pretrained(tmp_path / "peft")
+
+
+FRONT_END_ERRORS = [
+    ("linen-unknown-layer", _gpt2_unknown, TypeError, r"transformer.h.0.mlp.c_fc: target module of type FlaxConv1D"),
+    ("linen-unread-kernel", _linen_unread, ValueError, r"unused: the traced call never reads this kernel"),
+    ("linen-scan-one-scale", _linen_scan, ValueError, r"inside nn.scan every layer of a stack needs the same alpha"),
+    ("nnx-tonnx", _tonnx, lj.NoMatchingModuleError, r"nnx.bridge.ToNNX at \['dense'\]"),
+    ("lycoris-no-layer-fits", _no_layer_fits, lj.CheckpointError, r"f.safetensors: lycoris_0 \(0\): factors"),
+    ("lycoris-to-peft-own-factorization", _to_peft, lj.CheckpointError, r"lycoris_0 \(0\): .*load the file itself"),
+    ("save-own-factorization", _save_own, ValueError, r"^0: its factors .* save_lycoris"),
+]
+
+
+@pytest.mark.parametrize("case", FRONT_END_ERRORS, ids=[c[0] for c in FRONT_END_ERRORS])
+def test_front_end_errors(case, tmp_path):
+    _, call, exc, match = case
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(exc, match=match):
+        call(tmp_path)
+    assert not (tmp_path / "peft").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before + (
+        ["f.safetensors"] if "f.safetensors" not in before and (tmp_path / "f.safetensors").exists() else []
+    )
+
+
+def test_front_end_catalogue_matches_the_docs():
+    text = (Path(__file__).parents[2] / "docs" / "ERRORS.md").read_text()
+    section = text.split("\n## Front ends and LyCORIS files\n", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^\| `([a-z0-9-]+)` \|", section, flags=re.M) == [c[0] for c in FRONT_END_ERRORS]
+
+
+def test_peft_refuses_gpt2_conv1d_where_kinds_adapt_it():
+    """PEFT's LoHa/LoKr refuse transformers' torch ``Conv1D`` (deviation p); the Flax front ends adapt
+    ``FlaxConv1D`` when ``kinds`` declares its layout (above)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+    with pytest.raises(TypeError, match=r"Conv1D'> not supported"):
+        peft.get_peft_model(model, peft.LoKrConfig(r=2, target_modules=["c_attn"]))
