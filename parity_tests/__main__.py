@@ -69,7 +69,8 @@ def run_matrix(quick: bool, out: str, keyword: str | None, shard_spec: str | Non
 
 def run_mutants(keyword: str | None) -> int:
     """Plant every mutant in turn, run the quick matrix, report the cells that caught it; exit 1 if
-    a mutant was caught by none."""
+    a mutant was caught by no cell on a value (cells that only raised do not count) or one of its
+    targets was never called."""
     import torch
 
     from parity_tests.cases import QUICK
@@ -82,10 +83,15 @@ def run_mutants(keyword: str | None) -> int:
         if keyword is not None and keyword not in mutant.name:
             continue
         t0 = time.perf_counter()
-        caught = run_mutant(mutant, QUICK)
+        caught, crashed, calls = run_mutant(mutant, QUICK)
         print(f"{mutant.name} ({', '.join(mutant.targets)}): {mutant.what}")
         print(f"  caught by {len(caught)} cells in {time.perf_counter() - t0:.0f}s: {', '.join(caught) or 'NONE'}")
-        if not caught:
+        if crashed:
+            print(f"  raised (not counted) in {len(crashed)} cells: {', '.join(crashed)}")
+        idle = [target for target, n in calls.items() if n == 0]
+        if idle:
+            print(f"  never called (the patch changed nothing there): {', '.join(idle)}")
+        if not caught or idle:
             missed.append(mutant.name)
     print(f"\n{time.perf_counter() - start:.0f}s; mutants missed: {missed or 'none'}")
     return 1 if missed else 0

@@ -1,23 +1,39 @@
 """Plausible bugs the parity matrix must catch, planted one at a time (``python -m parity_tests --mutants``).
 
 Each mutant patches the functions or attributes named by its dotted ``targets`` in-process
-(``unittest.mock.patch``, restored afterwards) with ``make(original)``. A mutant patches both twins
-only for a bug both would share (they are written alike): then only the independent columns (PEFT,
-and PEFT's arithmetic in float64) can see it. ``cells`` names quick cells (case id and operation)
-that must catch it: ``tests/parity/test_mutants.py`` runs only those in CI; ``--mutants`` runs the
-whole quick matrix under each mutant and reports every cell that caught it.
+(``unittest.mock.patch``, restored afterwards) with ``make(original)``. A module-level function is
+patched under every name the packages bind it to (:func:`bindings`): a module that imported it by
+name (``from lycoris_jax.adapted import adapted_call`` in ``lycoris_jax.layer``) calls its own
+binding, and a patch of the home module alone would change nothing that runs. Each target counts
+its calls: a target nobody calls is a patch that tests nothing, and ``--mutants`` and
+``tests/parity/test_mutants.py`` report it as missed. A mutant patches
+both twins only for a bug both would share (they are written alike): then only the independent
+columns (PEFT, and PEFT's arithmetic in float64) can see it. ``cells`` names quick cells (case id and
+operation) that must catch it: the test runs only those in CI; ``--mutants`` runs the whole quick
+matrix under each mutant and reports every cell that caught it. A cell catches a mutant by a value
+or dtype that disagrees, not by raising (an exception may be the patch's own fault, e.g. a wrong
+signature, and would hide a bug the matrix cannot see).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import inspect
 import pkgutil
+import re
+import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
-__all__ = ["MUTANTS", "Mutant", "planted", "run_mutant"]
+__all__ = ["LIBRARY", "MUTANTS", "Mutant", "bindings", "caught_by_value", "planted", "run_mutant"]
+
+#: The packages whose functions mutants patch.
+LIBRARY = ("lycoris_core", "lycoris_jax", "lycoris_torch")
 
 
 @dataclass(frozen=True)
@@ -94,7 +110,9 @@ def _bias_dropped(original: Any) -> Any:
 
 
 def _suffix_match(original: Any) -> Any:
-    return lambda pattern_keys, key: next((p for p in pattern_keys if key.endswith(p)), key)
+    # PEFT's regex without its dot: r"(.*)(pattern)$" instead of r"(.*\.)?(pattern)$" ("lay.r" still
+    # matches "layer" as a regex, so the rank stays right and only the alpha goes wrong)
+    return lambda pattern_keys, key: next((p for p in pattern_keys if re.match(rf"(.*)({p})$", key)), key)
 
 
 def _float32_out(original: Any) -> Any:
@@ -195,9 +213,23 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "alpha_pattern_suffix",
         ("lycoris_core.targets.get_pattern_key",),
-        "rank/alpha patterns match any name suffix ('ayer' matches 'layer'), not a dotted one (both twins)",
+        "rank/alpha patterns match any name suffix ('ayer' matches 'layer'), not a dot-aligned one (both twins)",
         _suffix_match,
         (("loha-linear-fp32-patterns", "forward"),),
+    ),
+    Mutant(
+        "adapted_call_output_dtype",
+        ("lycoris_jax.adapted.adapted_call",),
+        "the adapted call every NNX and Linen layer makes returns float32 for a bf16/fp16 input",
+        _float32_out,
+        (("loha-conv1d_k3-bf16-plain", "forward"), ("loha-conv1d_k3-bf16-plain-linen", "forward")),
+    ),
+    Mutant(
+        "merge_kernel_output_dtype",
+        ("lycoris_jax.adapted.merge_kernel",),
+        "the merged kernel pytree.merge builds is float32 for a bf16/fp16 kernel",
+        _float32_out,
+        (("loha-conv1d_k3-bf16-plain-pytree", "forward"),),
     ),
     Mutant(
         "nnx_output_dtype",
@@ -223,24 +255,80 @@ MUTANTS: tuple[Mutant, ...] = (
 )
 
 
+def _counted(value: Any, calls: Counter, target: str) -> Any:
+    """``value`` (a function or a property) counting its calls in ``calls[target]``."""
+    if isinstance(value, property):
+        return property(_counted(value.fget, calls, target), value.fset, value.fdel, value.__doc__)
+
+    @functools.wraps(value)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[target] += 1
+        return value(*args, **kwargs)
+
+    return counted
+
+
+@functools.cache
+def _library_modules() -> tuple[str, ...]:
+    """Every module of :data:`LIBRARY`, imported (a module first imported while a patch is in would
+    keep the mutant bound for good)."""
+    names = []
+    for package in LIBRARY:
+        names.append(package)
+        path = importlib.import_module(package).__path__
+        names += [info.name for info in pkgutil.walk_packages(path, f"{package}.")]
+    for name in names:
+        importlib.import_module(name)
+    return tuple(names)
+
+
+def bindings(target: str) -> tuple[str, ...]:
+    """The dotted names the packages bind ``target``'s object to (``target`` itself first); a class
+    attribute is its one name."""
+    owner_name, _, attr = target.rpartition(".")
+    owner = pkgutil.resolve_name(owner_name)
+    if not inspect.ismodule(owner):
+        return (target,)
+    obj = getattr(owner, attr)
+    found = [
+        f"{name}.{key}"
+        for name in _library_modules()
+        for key, value in vars(sys.modules[name]).items()
+        if value is obj and f"{name}.{key}" != target
+    ]
+    return (target, *found)
+
+
 @contextlib.contextmanager
-def planted(mutant: Mutant) -> Iterator[None]:
-    """``mutant`` patched in (every target), restored on exit."""
+def planted(mutant: Mutant) -> Iterator[Counter]:
+    """``mutant`` patched in (every target, under every name the packages bind it to), restored on
+    exit; yields the number of calls of each target so far (a target never called tests nothing)."""
+    calls: Counter = Counter({target: 0 for target in mutant.targets})
     with contextlib.ExitStack() as stack:
         for target in mutant.targets:
-            stack.enter_context(mock.patch(target, new=mutant.make(pkgutil.resolve_name(target))))
-        yield
+            new = _counted(mutant.make(pkgutil.resolve_name(target)), calls, target)
+            for name in bindings(target):
+                stack.enter_context(mock.patch(name, new=new))
+        yield calls
 
 
-def run_mutant(mutant: Mutant, cases: Sequence[Any], ops: dict[str, tuple[str, ...]] | None = None) -> list[str]:
-    """The ``"<cell id> / <op>"`` of every cell of ``cases`` that fails under ``mutant`` (``ops``: per
+def caught_by_value(cell: Any) -> bool:
+    """``cell`` failed on a value or dtype (not only by raising: a crash may be the patch's own fault)."""
+    return any(not problem.startswith(("raised ", "setup raised ")) for problem in cell.problems())
+
+
+def run_mutant(
+    mutant: Mutant, cases: Sequence[Any], ops: dict[str, tuple[str, ...]] | None = None
+) -> tuple[list[str], list[str], Counter]:
+    """``(caught, crashed, calls)``: the ``"<cell id> / <op>"`` of every cell of ``cases`` that fails
+    under ``mutant`` on a value, of those that only raised, and the calls of each target (``ops``: per
     case id, the operations to run; default all)."""
     from parity_tests.runner import run_case
 
-    caught = []
-    with planted(mutant):
+    caught, crashed = [], []
+    with planted(mutant) as calls:
         for case in cases:
             for cell in run_case(case, (ops or {}).get(case.id)):
                 if not cell.passed:
-                    caught.append(f"{cell.case} / {cell.op}")
-    return caught
+                    (caught if caught_by_value(cell) else crashed).append(f"{cell.case} / {cell.op}")
+    return caught, crashed, calls

@@ -14,7 +14,6 @@ import torch
 from flax import nnx
 
 import lycoris_jax as lj
-import lycoris_torch as lt
 from lycoris_core import AdapterPlan
 from parity_tests.compare import assert_rounded
 from tests.jax.mirrors import NnxConv, NnxMLP, inputs
@@ -254,18 +253,18 @@ def test_dropout_only_in_training_and_never_nan():
     assert not np.allclose(tuner2(*XM), base)
 
 
-def test_rank_dropout_mask_matches_torch_twin():
+def test_rank_dropout_mask_keeps_rows_divided_by_the_kept_fraction():
     model = mlp()
     lj.LoHaModel(model, loha(rank_dropout=0.5))
     layer = model.layers[0]
     keep = np.arange(24) % 3 != 0
     ours = layer.get_delta_weight("default", rank_dropout_mask=jnp.asarray(keep))
-    plan = layer.plans["default"]
-    factors = {k: torch.tensor(np.asarray(v[...])) for k, v in layer.factors["default"].items()}
-    theirs = lt.functional.apply_rank_dropout(
-        lt.loha.delta_weight(factors, plan.scaling, plan.weight_shape), torch.from_numpy(keep), rescale=True
-    )
-    np.testing.assert_allclose(ours, theirs.numpy(), rtol=2e-6, atol=1e-7)
+    # PEFT's rule in float64 numpy: ΔW = (w1_a w1_b) ⊙ (w2_a w2_b) · alpha / r, kept rows / mean(keep), others 0
+    f = {k: np.asarray(v[...], np.float64) for k, v in layer.factors["default"].items()}
+    full = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]) * 4 / 2
+    expected = full * (keep / keep.mean())[:, None]
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    assert np.all(np.asarray(ours)[~keep] == 0)
 
 
 def test_training_dropout_under_jit_uses_rng_stream():
@@ -369,6 +368,9 @@ def test_custom_variant_matches_the_torch_custom_variant(tmp_path):
     np.testing.assert_allclose(
         layer.get_delta_weight("default"), twin.get_delta_weight("default").detach().numpy(), rtol=1e-6
     )
+    f = {k: np.asarray(v[...], np.float64) for k, v in layer.factors["default"].items()}  # and the formula
+    exact = f["lora_B"] @ f["lora_A"] * 4 / 2
+    np.testing.assert_allclose(layer.get_delta_weight("default"), exact, rtol=0, atol=1e-6 * np.abs(exact).max())
 
     tuner.save_pretrained(tmp_path)
     again = lj.LycorisTuner.from_pretrained(mlp(), tmp_path)

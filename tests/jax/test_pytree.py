@@ -256,9 +256,13 @@ def test_rename_maps_flax_paths_to_the_torch_names(tmp_path):
     assert sorted(adapter.factors) == ["down_blocks.0.proj", "mid"]  # names PEFT's files use
     assert dict(adapter.targets)["down_blocks.0.proj"].path == ("down_blocks_0", "proj")
     merged = pytree.merge(params, adapter)  # found by path, not by name
-    np.testing.assert_allclose(
-        merged["down_blocks_0"]["proj"]["kernel"] - 1, pytree.delta_weight(adapter, "down_blocks.0.proj"), atol=1e-6
-    )
+    # ΔW (out, in) = kron(W1, W2) · alpha / r in float64 numpy; the Flax kernel (in, out) holds its transpose
+    f = {k: np.asarray(v, np.float64) for k, v in adapter.factors["down_blocks.0.proj"].items()}
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    delta = np.kron(w1, w2) * cfg.alpha / cfg.r
+    assert delta.shape == (4, 6)
+    np.testing.assert_allclose(merged["down_blocks_0"]["proj"]["kernel"] - 1, delta.T, rtol=0, atol=1e-6)
     pytree.save_pretrained(adapter, tmp_path)
     loaded = pytree.from_pretrained(tmp_path, params, rename={"down_blocks_0.proj": "down_blocks.0.proj"})
     np.testing.assert_array_equal(
