@@ -51,6 +51,8 @@ import lycoris_jax as lj
 
 GIB = 2**30
 BF16 = jnp.bfloat16
+#: unroll the layer scan (the compiler's cost model counts a loop's body once)
+UNROLL = [1]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -115,6 +117,12 @@ class Block(nnx.Module):
         return x + self.down_proj(act(self.gate_proj(h)) * self.up_proj(h))
 
 
+def _batch_sharded(x: jax.Array) -> jax.Array:
+    """Activations split by sequence over ``fsdp`` (else the compiler may split them by features, as
+    the embedding table is, and replicate the attention scores)."""
+    return jax.lax.with_sharding_constraint(x, PartitionSpec("fsdp"))
+
+
 class Decoder(nnx.Module):
     """Embedding, ``layers`` blocks stacked on a leading axis, final norm, output head."""
 
@@ -135,9 +143,9 @@ class Decoder(nnx.Module):
         graphdef, state = nnx.split(self.layers)
 
         def body(h: jax.Array, layer: Any) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, layer)(h), None
+            return _batch_sharded(nnx.merge(graphdef, layer)(_batch_sharded(h))), None
 
-        return jax.lax.scan(jax.checkpoint(body), x, state)[0]
+        return jax.lax.scan(jax.checkpoint(body), _batch_sharded(x), state, unroll=UNROLL[0])[0]
 
     def loss(self, x: jax.Array, ids: jax.Array, head: bool = True) -> jax.Array:
         """Next-token cross-entropy of the blocks' output ``x`` (the embedded ``ids``) through the head;
@@ -309,11 +317,10 @@ def figures(compiled: Any) -> Figures:
     )
 
 
-def compile_variant(
-    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int = 1, head: bool = True
+def _compile(
+    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int, head: bool, unroll: Any
 ) -> tuple[Figures, Figures]:
-    """``(train step, eval forward)`` figures of ``variant``: ``batch`` sequences of ``tokens`` per
-    fsdp group (a tensor-parallel group shares its sequences); ``head``: as :meth:`Decoder.loss`."""
+    UNROLL[0] = unroll
     with jax.set_mesh(mesh):  # Auto axes: the kernels' partition metadata names them
         model = build(shape, variant)
         train_step, eval_forward, trained, rest, tx = steps(model, variant, head)
@@ -325,6 +332,42 @@ def compile_variant(
         train = jax.jit(train_step, donate_argnums=(0, 1)).lower(t, o, r, ids).compile()
         forward = jax.jit(eval_forward).lower(t, r, ids).compile()
     return figures(train), figures(forward)
+
+
+def _extrapolated(one: Figures, two: Figures, layers: int, memory: Figures) -> Figures:
+    """Time, flops, bytes and layout calls of ``layers`` layers from 1 and 2 unrolled ones (every layer
+    costs the same); memory from the scanned program at full depth."""
+    at = lambda a, b: a + (layers - 1) * (b - a)  # noqa: E731
+    return dataclasses.replace(
+        memory,
+        seconds=at(one.seconds, two.seconds),
+        layout_calls=at(one.layout_calls, two.layout_calls),
+        kernels=at(one.kernels, two.kernels),
+        flops=at(one.flops, two.flops),
+        bytes=at(one.bytes, two.bytes),
+    )
+
+
+def compile_variant(
+    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int = 1, head: bool = True
+) -> tuple[Figures, Figures]:
+    """``(train step, eval forward)`` figures of ``variant``: ``batch`` sequences of ``tokens`` per
+    fsdp group (a tensor-parallel group shares its sequences); ``head``: as :meth:`Decoder.loss`.
+
+    The compiler's cost model counts a loop's body once, so a scanned stack's estimate would be one
+    layer's: memory comes from the scanned program at full depth (as it runs), time, flops and bytes
+    from the same model unrolled at 1 and 2 layers, extrapolated to full depth (at most 2 layers: the
+    unrolled program itself)."""
+    memory = _compile(shape, variant, mesh, tokens, batch, head, 1)
+    if shape.layers <= 2:
+        train, forward = _compile(shape, variant, mesh, tokens, batch, head, True)
+        keep = lambda f, m: dataclasses.replace(  # noqa: E731
+            m, seconds=f.seconds, layout_calls=f.layout_calls, kernels=f.kernels, flops=f.flops, bytes=f.bytes
+        )
+        return keep(train, memory[0]), keep(forward, memory[1])
+    one = _compile(dataclasses.replace(shape, layers=1), variant, mesh, tokens, batch, head, True)
+    two = _compile(dataclasses.replace(shape, layers=2), variant, mesh, tokens, batch, head, True)
+    return tuple(_extrapolated(one[i], two[i], shape.layers, memory[i]) for i in range(2))
 
 
 # ---------------------------------------------------------------- the grid

@@ -63,3 +63,15 @@ def test_variants_parse_and_refuse_what_is_not_one():
     for bad in ("lora", "lokr:fast"):
         with pytest.raises(ValueError, match=bad.split(":")[-1]):
             tpu_aot.Variant.parse(bad)
+
+
+def test_a_scanned_stack_is_timed_from_one_and_two_unrolled_layers():
+    """The cost model counts a loop's body once: time comes from unrolled layers, memory from the scan."""
+
+    def fig(seconds: float, flops: float, temp: int) -> tpu_aot.Figures:
+        return tpu_aot.Figures(seconds, 2, 0, flops, 10 * flops, 100, 10, temp, 0)
+
+    full = tpu_aot._extrapolated(fig(0.010, 5.0, 1), fig(0.016, 8.0, 2), 32, fig(0.007, 3.0, 999))
+    assert full.seconds == pytest.approx(0.010 + 31 * 0.006)
+    assert full.flops == pytest.approx(5.0 + 31 * 3.0) and full.bytes == pytest.approx(10 * full.flops)
+    assert full.temp == 999 and full.layout_calls == 2  # memory as the scanned program has it
