@@ -445,17 +445,17 @@ def run(
                             compile_seconds=time.perf_counter() - start,
                         )
                         group.append(row)
+                        rows.append(row)
                         print(
                             f"  {variant.name}: compiled in {row['compile_seconds']:.0f}s, TPU compiler estimate "
                             f"{train.seconds * 1e3:.1f} ms",
                             file=sys.stderr,
                             flush=True,
                         )
+                        if out:  # every row as it comes: a long grid can be stopped and still read
+                            with open(out, "w") as f:
+                                json.dump(rows, f, indent=1)
                     print_table(group)
-                    rows += group
-                    if out:
-                        with open(out, "w") as f:
-                            json.dump(rows, f, indent=1)
     return rows
 
 
