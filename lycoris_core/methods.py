@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from lycoris_core.plan import LAYER_KINDS, Planner, register_plan
 
@@ -39,6 +40,14 @@ class Method:
     linear_grads: Callable | None = None
     conv_forward: Callable | None = None
     kinds: frozenset[str] = LAYER_KINDS
+
+    @classmethod
+    def from_module(cls, peft_type: str, factor_names: tuple[str, ...], plan: Planner, math: Any) -> Method:
+        """The record whose math is the functions of the same names in the module ``math``
+        (``delta_weight``, and whichever of the optional routes it defines)."""
+        optional = ("delta_grads", "linear_forward", "linear_grads", "conv_forward")
+        routes = {name: getattr(math, name) for name in optional if hasattr(math, name)}
+        return cls(peft_type, factor_names, plan, math.delta_weight, **routes)
 
 
 class Registry(dict):

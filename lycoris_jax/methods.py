@@ -22,27 +22,5 @@ __all__ = ["LOHA", "LOKR", "METHODS", "Method", "method_for", "register"]
 METHODS = Registry()
 register, method_for = METHODS.register, METHODS.method_for
 
-LOKR = register(
-    Method(
-        "LOKR",
-        LOKR_FACTORS,
-        plan_lokr,
-        lokr.delta_weight,
-        lokr.delta_grads,
-        lokr.linear_forward,
-        lokr.linear_grads,
-        lokr.conv_forward,
-    )
-)
-LOHA = register(
-    Method(
-        "LOHA",
-        LOHA_FACTORS,
-        plan_loha,
-        loha.delta_weight,
-        loha.delta_grads,
-        loha.linear_forward,
-        loha.linear_grads,
-        loha.conv_forward,
-    )
-)
+LOKR = register(Method.from_module("LOKR", LOKR_FACTORS, plan_lokr, lokr))
+LOHA = register(Method.from_module("LOHA", LOHA_FACTORS, plan_loha, loha))

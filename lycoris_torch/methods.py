@@ -17,25 +17,5 @@ __all__ = ["LOHA", "LOKR", "METHODS", "Method", "method_for", "register"]
 METHODS = Registry()
 register, method_for = METHODS.register, METHODS.method_for
 
-LOKR = register(
-    Method(
-        "LOKR",
-        LOKR_FACTORS,
-        plan_lokr,
-        lokr.delta_weight,
-        linear_forward=lokr.linear_forward,
-        linear_grads=lokr.linear_grads,
-        conv_forward=lokr.conv_forward,
-    )
-)
-LOHA = register(
-    Method(
-        "LOHA",
-        LOHA_FACTORS,
-        plan_loha,
-        loha.delta_weight,
-        linear_forward=loha.linear_forward,
-        linear_grads=loha.linear_grads,
-        conv_forward=loha.conv_forward,
-    )
-)
+LOKR = register(Method.from_module("LOKR", LOKR_FACTORS, plan_lokr, lokr))
+LOHA = register(Method.from_module("LOHA", LOHA_FACTORS, plan_loha, loha))
