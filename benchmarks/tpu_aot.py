@@ -239,12 +239,17 @@ def steps(model: nnx.Module, variant: Variant, head: bool = True) -> tuple[Any, 
 
 
 # ---------------------------------------------------------------- compiling deviceless
-def devices(topology: str, mesh: str) -> tuple[Mesh, int]:
-    """The mesh of ``mesh`` on ``topology``'s chips, and the chip's HBM."""
+def devices(topology: str, mesh: str, attached: bool = False) -> tuple[Mesh, int]:
+    """The mesh of ``mesh`` on ``topology``'s chips, and the chip's HBM; ``attached``: on this machine's
+    own devices instead (a TPU VM: what ``--measure`` runs on)."""
     from jax.experimental import topologies
 
     name, hbm = TOPOLOGIES[topology]
-    chips = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    if attached:
+        chips = jax.devices()
+        hbm = chips[0].memory_stats().get("bytes_limit", hbm) if chips[0].memory_stats() else hbm
+    else:
+        chips = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
     shape, axes = MESHES[mesh]
     n = shape[0] * shape[1]
     return Mesh(__import__("numpy").asarray(chips[:n]).reshape(shape), axes), hbm
@@ -321,7 +326,7 @@ def _compile(
     shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int, head: bool, unroll: Any
 ) -> tuple[Figures, Figures]:
     UNROLL[0] = unroll
-    with jax.set_mesh(mesh):  # Auto axes: the kernels' partition metadata names them
+    with jax.set_mesh(mesh), lj.compiling_for("tpu"):  # Auto axes: the kernels' partition metadata names them
         model = build(shape, variant)
         train_step, eval_forward, trained, rest, tx = steps(model, variant, head)
         t, r = _structs(trained, mesh), _structs(rest, mesh)
@@ -332,6 +337,35 @@ def _compile(
         train = jax.jit(train_step, donate_argnums=(0, 1)).lower(t, o, r, ids).compile()
         forward = jax.jit(eval_forward).lower(t, r, ids).compile()
     return figures(train), figures(forward)
+
+
+def measure(
+    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int = 1, head: bool = True, rounds: int = 10
+) -> float:
+    """Seconds per train step, measured: the scanned program at full depth runs ``rounds`` times on
+    ``mesh``'s devices (which must be attached: a TPU VM, or this CPU for a small model) on zero-filled
+    weights, after one warm-up step."""
+    UNROLL[0] = 1
+    with jax.set_mesh(mesh):
+        model = build(shape, variant)
+        train_step, _, trained, rest, tx = steps(model, variant, head)
+        t, r = _structs(trained, mesh), _structs(rest, mesh)
+        o = _opt_structs(tx, t)
+        ids = jax.ShapeDtypeStruct(
+            (batch * mesh.shape["fsdp"], tokens), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("fsdp"))
+        )
+        zeros = lambda tree: jax.tree.map(  # noqa: E731
+            lambda s: jax.jit(lambda: jnp.zeros(s.shape, s.dtype), out_shardings=s.sharding)(), tree
+        )
+        state, opt_state, params, batch_ids = zeros(t), zeros(o), zeros(r), zeros(ids)
+        compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(t, o, r, ids).compile()
+        state, opt_state, *out = compiled(state, opt_state, params, batch_ids)
+        jax.block_until_ready(out)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            state, opt_state, *out = compiled(state, opt_state, params, batch_ids)
+        jax.block_until_ready((state, out))
+    return (time.perf_counter() - start) / rounds
 
 
 def _extrapolated(one: Figures, two: Figures, layers: int, memory: Figures) -> Figures:
@@ -370,6 +404,133 @@ def compile_variant(
     return tuple(_extrapolated(one[i], two[i], shape.layers, memory[i]) for i in range(2))
 
 
+# ---------------------------------------------------------------- one layer: the cost rule's grid
+#: single Linear layers ``(in, out)``: square from 256 to 16384 wide, and the models' projections
+LAYERS = ((256, 256), (1024, 1024), (4096, 4096), (16384, 16384), (4096, 14336), (14336, 4096), (2304, 9216))
+
+
+class _Layer(nnx.Module):
+    def __init__(self, i: int, o: int, rngs: nnx.Rngs) -> None:
+        self.proj = nnx.Linear(i, o, use_bias=False, dtype=BF16, param_dtype=BF16, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(x)
+
+
+def compile_layer(
+    features: tuple[int, int], tokens: int, variant: Variant, topology: str = "v5e"
+) -> tuple[float, float]:
+    """``(train step, eval forward)`` seconds (the TPU compiler's estimate, corrected) of one bf16
+    Linear on one chip of ``topology``: ``tokens`` input rows; the step takes the gradients of the
+    factors and of the input (the backward any layer inside a model pays) and an Adam update."""
+    mesh, _ = devices(topology, "1")
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def make() -> nnx.Module:
+        model = _Layer(*features, nnx.Rngs(0))
+        config_cls, tuner_cls = METHODS[variant.kind]
+        config = config_cls(r=variant.r, alpha=variant.r, target_modules=["proj"])
+        tuner = tuner_cls(model, config, forward_path=variant.path, branch_dtype=variant.branch)
+        tuner.train()
+        return tuner
+
+    graphdef, trained, rest = nnx.split(nnx.eval_shape(make), lj.LycorisParam, ...)
+    tx = optax.adam(1e-5)
+
+    def step(trained: Any, opt: Any, rest: Any, x: jax.Array, probe: jax.Array) -> tuple:
+        def loss(trained: Any, x: jax.Array) -> jax.Array:
+            return jnp.sum(nnx.merge(graphdef, trained, rest)(x).astype(jnp.float32) * probe)
+
+        value, (grads, dx) = jax.value_and_grad(loss, argnums=(0, 1))(trained, x)
+        updates, opt = tx.update(grads, opt, trained)
+        return optax.apply_updates(trained, updates), opt, value, dx
+
+    def forward(trained: Any, rest: Any, x: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, trained, rest)
+        model.eval()
+        return model(x)
+
+    struct = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)  # noqa: E731
+    t, r = struct(trained), struct(rest)
+    x = jax.ShapeDtypeStruct((tokens, features[0]), BF16, sharding=sharding)
+    probe = jax.ShapeDtypeStruct((tokens, features[1]), BF16, sharding=sharding)
+    with lj.compiling_for("tpu"):
+        train = jax.jit(step).lower(t, struct(jax.eval_shape(tx.init, trained)), r, x, probe).compile()
+        evaluate = jax.jit(forward).lower(t, r, x).compile()
+    return figures(train).seconds, figures(evaluate).seconds
+
+
+def calibrate(
+    topology: str = "v5e",
+    layers: Sequence[tuple[int, int]] = LAYERS,
+    tokens: Sequence[int] = (256, 2048, 8192),
+    ranks: Sequence[int] = (8, 16, 64),
+    out: str | None = None,
+) -> list[dict]:
+    """The cost rule's grid: each layer x tokens x rank x method compiled on the ``"merged"`` and the
+    ``"factored"`` path, train step and eval forward. Prints, and returns as rows, which path the
+    compiler estimates faster and which one ``"auto"`` (``lycoris_core.paths.choose_path``, platform
+    ``"tpu"``) picks."""
+    rows = []
+    for features in layers:
+        for n in tokens:
+            for r in ranks:
+                for kind in METHODS:
+                    seconds = {
+                        p: compile_layer(features, n, Variant(kind, p, r), topology) for p in ("merged", "factored")
+                    }
+                    row = dict(topology=topology, features=features, tokens=n, r=r, method=kind)
+                    for i, mode in enumerate(("train", "eval")):
+                        merged, factored = seconds["merged"][i], seconds["factored"][i]
+                        row[mode] = dict(merged=merged, factored=factored, auto=auto_path(features, n, r, kind, mode))
+                    rows.append(row)
+                    print(_calibration_line(row), flush=True)
+                    if out:
+                        with open(out, "w") as f:
+                            json.dump(rows, f, indent=1)
+    print(agreement(rows))
+    return rows
+
+
+def auto_path(features: tuple[int, int], tokens: int, r: int, kind: str, mode: str) -> str:
+    """The path ``"auto"`` takes for a bf16 Linear on a TPU (the cost rule alone: no arrays)."""
+    from lycoris_core import LayerShape
+    from lycoris_core.paths import choose_path
+    from lycoris_core.plan import plan_adapter
+
+    config_cls, _ = METHODS[kind]
+    plan = plan_adapter(LayerShape("linear", features[1], features[0]), r, float(r), config_cls(r=r, alpha=r))
+    return choose_path("auto", plan, tokens, training=mode == "train", supported=True, itemsize=2, platform="tpu")
+
+
+def _faster(entry: dict) -> str:
+    return "merged" if entry["merged"] <= entry["factored"] else "factored"
+
+
+def _calibration_line(row: dict) -> str:
+    parts = [f"{row['features'][0]}x{row['features'][1]} N={row['tokens']} r={row['r']} {row['method']}"]
+    for mode in ("train", "eval"):
+        e = row[mode]
+        mark = "ok" if _agrees(e) else "MISS"
+        parts.append(
+            f"{mode}: merged {e['merged'] * 1e3:.3f} factored {e['factored'] * 1e3:.3f} ms, auto {e['auto']} {mark}"
+        )
+    return " | ".join(parts)
+
+
+def _agrees(entry: dict, tolerance: float = 0.01) -> bool:
+    """``auto`` took the faster path, or one within ``tolerance`` of it."""
+    best = min(entry["merged"], entry["factored"])
+    return entry[entry["auto"]] <= best * (1 + tolerance)
+
+
+def agreement(rows: Sequence[dict]) -> str:
+    """How often ``auto`` takes the path the compiler estimates fastest (within 1%)."""
+    entries = [row[mode] for row in rows for mode in ("train", "eval")]
+    hits = sum(_agrees(e) for e in entries)
+    return f"auto agrees with the TPU compiler in {hits} of {len(entries)} cases ({hits / max(len(entries), 1):.0%})"
+
+
 # ---------------------------------------------------------------- the grid
 GRIDS = {
     # the issue's targets: Llama-3-8B shape, 4096 tokens per chip, r=16, v5e and v6e, one chip and FSDP 8
@@ -401,10 +562,13 @@ def run(
     variants: Sequence[str],
     layers: int | dict[str, int] | None = None,
     out: str | None = None,
+    attached: bool = False,
 ) -> list[dict]:
     """Compile every combination; print one table per (model, topology, mesh, tokens), ratios to
     ``frozen``'s (and to ``full``'s where both ran); returns the rows. ``layers``: cut the depth (per
-    mesh name with a dict). A variant that does not fit the chip is a row saying what it needs."""
+    mesh name with a dict). A variant that does not fit the chip is a row saying what it needs.
+    ``attached``: compile for this machine's own TPU chips and measure each train step beside the
+    estimate (``benchmarks/tpu.sh`` on a TPU VM)."""
     rows = []
     for model_name in models:
         for topology in topologies:
@@ -414,7 +578,7 @@ def run(
                 if depth:
                     shape = dataclasses.replace(shape, layers=depth)
                 head = shape.layers == MODELS[model_name].layers  # a cut model: its blocks alone
-                mesh, hbm = devices(topology, mesh_name)
+                mesh, hbm = devices(topology, mesh_name, attached)
                 for n in tokens:
                     group = []
                     for text in variants:
@@ -444,11 +608,14 @@ def run(
                             eval=dataclasses.asdict(forward) | {"total": forward.total},
                             compile_seconds=time.perf_counter() - start,
                         )
+                        if attached:
+                            row["measured_seconds"] = measure(shape, variant, mesh, n, head=head)
                         group.append(row)
                         rows.append(row)
+                        measured = f", measured {row['measured_seconds'] * 1e3:.1f} ms" if attached else ""
                         print(
                             f"  {variant.name}: compiled in {row['compile_seconds']:.0f}s, TPU compiler estimate "
-                            f"{train.seconds * 1e3:.1f} ms",
+                            f"{train.seconds * 1e3:.1f} ms{measured}",
                             file=sys.stderr,
                             flush=True,
                         )
@@ -502,7 +669,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", help="comma-separated: frozen, full, METHOD[:PATH[:rR[:base]]]")
     parser.add_argument("--layers", type=int, help="cut the depth (default: the model's)")
     parser.add_argument("--out", help="write every row as JSON here")
+    parser.add_argument("--calibrate", action="store_true", help="the cost rule's single-layer grid instead")
+    parser.add_argument("--measure", action="store_true", help="on a TPU VM: also run each step on its chips")
+    parser.add_argument("--agreement", nargs="+", metavar="JSON", help="re-score --calibrate's rows with the rule")
     args = parser.parse_args(argv)
+    if args.agreement:  # the rule against saved compiler estimates: no compiling
+        rows = [row for path in args.agreement for row in json.load(open(path))]
+        for row in rows:
+            for mode in ("train", "eval"):
+                row[mode]["auto"] = auto_path(tuple(row["features"]), row["tokens"], row["r"], row["method"], mode)
+                if not _agrees(row[mode]):
+                    print(_calibration_line(row))
+        print(agreement(rows))
+        return
+    if args.calibrate:
+        calibrate(
+            topology=(args.topology or "v5e").split(",")[0],
+            tokens=tuple(int(t) for t in args.tokens.split(",")) if args.tokens else (256, 2048, 8192),
+            out=args.out,
+        )
+        return
     grid = dict(GRIDS[args.grid])
     for key, value in (("models", args.model), ("topologies", args.topology), ("meshes", args.mesh)):
         if value:
@@ -515,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         Variant.parse(v)  # a bad variant fails before anything compiles
     if args.layers:
         grid["layers"] = args.layers
-    run(**grid, out=args.out)
+    run(**grid, out=args.out, attached=args.measure)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ class Method:
     ``delta_grads(g, factors, scale, weight_shape) -> (dfactors, dscale)``, the gradients for a
     cotangent ``g`` of ΔW without forming ΔW (JAX); ``linear_forward(x (N, in), factors, scale) ->
     (N, out)`` and ``linear_grads(x, dy, factors, scale)``, a Linear's branch and its backward without
-    ΔW; ``conv_forward(conv, x, factors, scale, weight_shape)``, an ungrouped conv's branch without ΔW.
-    ``kinds``: the layer kinds it adapts.
+    ΔW; ``conv_forward(conv, x, factors, scale, weight_shape)``, an ungrouped conv's branch without ΔW;
+    ``matmul_weight(factors, scale, weight_shape)``, ΔW again, formed by one matmul where a matrix unit
+    makes that cheapest (``lycoris_core.paths.FoldRule``). ``kinds``: the layer kinds it adapts.
     """
 
     peft_type: str
@@ -39,13 +40,14 @@ class Method:
     linear_forward: Callable | None = None
     linear_grads: Callable | None = None
     conv_forward: Callable | None = None
+    matmul_weight: Callable | None = None
     kinds: frozenset[str] = LAYER_KINDS
 
     @classmethod
     def from_module(cls, peft_type: str, factor_names: tuple[str, ...], plan: Planner, math: Any) -> Method:
         """The record whose math is the functions of the same names in the module ``math``
         (``delta_weight``, and whichever of the optional routes it defines)."""
-        optional = ("delta_grads", "linear_forward", "linear_grads", "conv_forward")
+        optional = ("delta_grads", "linear_forward", "linear_grads", "conv_forward", "matmul_weight")
         routes = {name: getattr(math, name) for name in optional if hasattr(math, name)}
         return cls(peft_type, factor_names, plan, math.delta_weight, **routes)
 

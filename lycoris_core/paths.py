@@ -23,7 +23,16 @@ from typing import Literal
 
 from lycoris_core.plan import AdapterPlan, full_3d_lokr_w2
 
-__all__ = ["FORWARD_PATHS", "ForwardPath", "Split", "check_forward_path", "choose_path", "path_costs"]
+__all__ = [
+    "FORWARD_PATHS",
+    "FoldRule",
+    "ForwardPath",
+    "Split",
+    "check_forward_path",
+    "choose_path",
+    "fold_rule",
+    "path_costs",
+]
 
 ForwardPath = Literal["auto", "factored", "merged", "peft"]
 FORWARD_PATHS: tuple[str, ...] = ("auto", "factored", "merged", "peft")
@@ -45,6 +54,41 @@ class Split:
     tokens: int = 1
     kernel: int = 1
     matmul: int = 1
+
+
+@dataclass(frozen=True)
+class FoldRule:
+    """How the ``"merged"`` route of one adapter forms ``W + ΔW`` and takes the input gradient, on one
+    platform. Every choice is the same arithmetic in another order; ``fold_rule`` picks them.
+
+    ``layer_dtype``: the sum ``W + ΔW`` is formed in float32 and rounded once to the layer's compute
+    dtype (bf16 for a bf16 layer) before the matmul. A TPU at default matmul precision rounds a float32
+    operand to bf16 in its matrix unit anyway, so the product is the same; the kernel-sized passes
+    move half the bytes.
+    ``matmul_form``: ΔW by the method's ``matmul_weight`` where it has one (LoHa: one product ``R Qᵀ``
+    of width r² instead of two rank-r products and their elementwise product): more multiply-adds,
+    which the matrix unit does nearly free, and one kernel-sized pass instead of three.
+    ``dx_through_fold``: the backward's ``dx`` is ``dy (W + ΔW)ᵀ``, the fold shared with the forward,
+    instead of ``dy Wᵀ`` plus the branch's ``dx``. Taken where the branch's ``dx`` costs layout copies
+    (LoKr: activations reshaped to ``(N, c, d)``); LoHa's is a matmul by a factor it forms anyway."""
+
+    layer_dtype: bool = False
+    matmul_form: bool = False
+    dx_through_fold: bool = False
+
+
+#: methods whose Linear ``dx`` through the branch is a reshaped contraction (not a plain matmul)
+RESHAPED_BRANCH = frozenset({"LOKR"})
+
+
+def fold_rule(peft_type: str, platform: str, *, default_precision: bool = True) -> FoldRule:
+    """The :class:`FoldRule` of a ``"merged"`` call of ``peft_type`` compiled for ``platform``
+    (``"cpu"``, ``"gpu"``, ``"tpu"``); ``default_precision``: matmuls run at the platform's default
+    precision (no ``"highest"`` requested). Calibrated with ``benchmarks/tpu_aot.py`` (B6): on CPU and
+    GPU the merged route is PEFT's fold, in the adapter's dtype."""
+    if platform != "tpu":
+        return FoldRule()
+    return FoldRule(layer_dtype=default_precision, matmul_form=True, dx_through_fold=peft_type in RESHAPED_BRANCH)
 
 
 def check_forward_path(value: object) -> str:
@@ -78,6 +122,7 @@ def path_costs(
     training: bool,
     itemsize: int = 4,
     split: Split = Split(),
+    platform: str = "cpu",
 ) -> dict[str, float]:
     """Multiply-adds each path adds to the frozen layer's forward (and, ``training``, backward), per
     device.
@@ -89,7 +134,10 @@ def path_costs(
     ``split.kernel``, a matmul by ``split.matmul``. So data parallelism (the kernel whole on every
     device) favours ``"factored"``, and FSDP or tensor parallelism (both split alike) leave the
     balance as it is unsharded. The frozen layer's own ``dx`` is shared by every path and not counted.
+    ``platform="tpu"``: relative bytes instead (:func:`_tpu_costs`), calibrated by the TPU compiler.
     """
+    if platform == "tpu":
+        return _tpu_costs(plan, tokens, training=training, split=split)
     layer = plan.layer
     out_f, in_f, numel = layer.out_features, layer.in_features, math.prod(plan.weight_shape)
     k = math.prod(layer.kernel_size)  # 1 for a Linear
@@ -119,6 +167,48 @@ def path_costs(
     return costs
 
 
+#: TPU lanes: the minor dimension of every array on a TPU is stored in tiles of this many elements
+TPU_LANES = 128
+#: TPU thresholds, from ``benchmarks/tpu_aot.py --calibrate`` (single bf16 Linears from 256 to 16384
+#: wide and the models' projections, 256 to 8192 tokens, r = 8, 16, 64): "factored" when the
+#: activations it moves are below this fraction of the kernel-sized work "merged" does
+TPU_LOKR_RATIO = 0.25
+TPU_LOHA_RATIO = 1 / 16
+#: LoHa with ``r² > TPU_LOHA_WIDE · min(in, out)``: forming ``R Qᵀ`` costs ``r²`` multiply-adds per
+#: kernel element, and "factored" pays off up to this many times more activations
+TPU_LOHA_WIDE, TPU_LOHA_WIDE_RATIO = 0.3, 4.0
+
+
+def _lanes(n: int) -> int:
+    return -(-n // TPU_LANES) * TPU_LANES
+
+
+def _tpu_costs(plan: AdapterPlan, tokens: int, *, training: bool, split: Split) -> dict[str, float]:
+    """A TPU's costs (bytes moved, relative): bound by memory traffic and the layout of what moves, not
+    by multiply-adds (the matrix unit's are nearly free). ``"merged"``: kernel-sized work (LoKr's
+    Kronecker product laid out in tiles of :data:`TPU_LANES`); ``"factored"``: activation-sized work
+    (LoKr's ``(N, c, b)`` intermediate padded to whole tiles), scaled by the calibrated thresholds.
+    The TPU compiler's estimate picks the same path in 90% of B6's grid (BENCHMARKS.md)."""
+    layer = plan.layer
+    out_f, in_f = layer.out_features, layer.in_features
+    n, numel = tokens / split.tokens, math.prod(plan.weight_shape) / split.kernel
+    if plan.peft_type == "LOKR":
+        shapes = plan.factor_shapes
+        a = shapes["lokr_w1"][0] if "lokr_w1" in shapes else shapes["lokr_w1_a"][0]
+        c = shapes["lokr_w1"][1] if "lokr_w1" in shapes else shapes["lokr_w1_b"][1]
+        b, d = out_f // a, in_f // c
+        merged = TPU_LOKR_RATIO * numel * _lanes(d) * _lanes(b) / (d * b)
+        factored = n * (_lanes(in_f) + c * _lanes(b) + _lanes(out_f))
+    else:
+        wide = plan.r * plan.r > TPU_LOHA_WIDE * min(in_f, out_f)
+        ratio = (TPU_LOHA_WIDE_RATIO if wide else TPU_LOHA_RATIO) if training else 0.0
+        merged, factored = ratio * numel, n * (in_f + out_f)
+    costs = {"peft": math.inf, "merged": merged}
+    if factorable(plan):
+        costs["factored"] = factored
+    return costs
+
+
 def choose_path(
     requested: str,
     plan: AdapterPlan,
@@ -128,6 +218,7 @@ def choose_path(
     supported: bool,
     itemsize: int = 4,
     split: Split = Split(),
+    platform: str = "cpu",
 ) -> str:
     """The path one adapter call takes: ``requested`` unless it is ``"auto"`` (cheapest of
     ``"merged"``/``"factored"`` by :func:`path_costs`, which takes the dtype's ``itemsize`` and the
@@ -140,5 +231,5 @@ def choose_path(
         return "factored" if can_factor else "merged"
     if not can_factor:
         return "merged"
-    costs = path_costs(plan, tokens, training=training, itemsize=itemsize, split=split)
+    costs = path_costs(plan, tokens, training=training, itemsize=itemsize, split=split, platform=platform)
     return "factored" if costs["factored"] <= costs["merged"] else "merged"

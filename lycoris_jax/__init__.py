@@ -11,6 +11,7 @@
 from lycoris_core import CheckpointError, LoHaConfig, LoKrConfig, LycorisConfig, NoMatchingModuleError, factorization
 from lycoris_core.paths import FORWARD_PATHS
 from lycoris_jax import adapted, functional, linen, loha, lokr, methods, pytree
+from lycoris_jax.functional import compiling_for
 from lycoris_jax.layer import LoHaLayer, LoKrLayer, LycorisLayer, LycorisParam, LycorisScale
 from lycoris_jax.tuner import LoHaModel, LoKrModel, LycorisTuner, default_rngs
 
@@ -30,6 +31,7 @@ __all__ = [
     "LycorisTuner",
     "NoMatchingModuleError",
     "adapted",
+    "compiling_for",
     "default_rngs",
     "factorization",
     "functional",

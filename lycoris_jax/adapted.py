@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lycoris_core.paths import choose_path
+from lycoris_core.paths import FoldRule, choose_path, fold_rule
 from lycoris_core.plan import AdapterPlan
 from lycoris_jax import functional
 from lycoris_jax.methods import method_for
@@ -98,10 +98,12 @@ def _row_scaled(weight: jax.Array, rows: jax.Array | None) -> jax.Array:
     return (weight * rows.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
 
 
-def delta_kernel(active: Active, site: Site, rows: jax.Array | None = None) -> jax.Array:
-    """ΔW of one adapter in the kernel's layout and shards, rank-dropout ``rows`` applied."""
-    plan = active.plan
-    weight = method_for(plan.peft_type).delta_weight(active.factors, active.scale, plan.weight_shape)
+def delta_kernel(active: Active, site: Site, rows: jax.Array | None = None, *, matmul_form: bool = False) -> jax.Array:
+    """ΔW of one adapter in the kernel's layout and shards, rank-dropout ``rows`` applied;
+    ``matmul_form``: by the method's ``matmul_weight`` where it has one."""
+    plan, method = active.plan, method_for(active.plan.peft_type)
+    form = method.matmul_weight if matmul_form and method.matmul_weight is not None else method.delta_weight
+    weight = form(active.factors, active.scale, plan.weight_shape)
     return _placed(_row_scaled(weight, rows), site)
 
 
@@ -146,6 +148,7 @@ def adapted_call(
     if not adapters:
         return call(x, kernel, bias, base_dtype)
     keys = list(jax.random.split(key, len(adapters))) if key is not None else [None] * len(adapters)
+    platform, precise = functional.target_platform(), functional.default_precision()
     folds, branches = [], []
     for active, k in zip(adapters, keys, strict=True):
         fdtype = jnp.result_type(*active.factors.values())
@@ -162,9 +165,12 @@ def adapted_call(
         fdtype = jnp.result_type(*entries[0][0].factors.values())
         compute = compute_of(fdtype)
         base_branch = branch_dtype == "base" and base_dtype is not None
-        fold_dtype = compute if base_branch else jnp.result_type(kernel.dtype, compute)
-        view_dtype = base_dtype if branch_dtype == "base" else None
-        result = _merged(call, x, kernel, bias, entries, site, fold_dtype, view_dtype)
+        acc = compute if base_branch else jnp.result_type(kernel.dtype, compute)
+        rules = [fold_rule(a.plan.peft_type, platform, default_precision=precise) for a, _, _ in entries]
+        layer = base_dtype if base_dtype is not None else jnp.result_type(x.dtype, kernel.dtype)
+        fold_dtype = layer if rules[0].layer_dtype and site.linear else acc  # a conv: ΔW's gradient through it
+        view_dtype = base_dtype if branch_dtype == "base" or fold_dtype != acc else None
+        result = _merged(call, x, kernel, bias, entries, site, (acc, fold_dtype), view_dtype, rules)
     else:
         result = call(x, kernel, bias, base_dtype)
     for path, (active, rows, keep) in branches:
@@ -192,6 +198,7 @@ def route_of(plan: AdapterPlan, x: jax.Array, kernel: jax.Array, site: Site, rou
         supported=supported,
         itemsize=jnp.dtype(kernel.dtype).itemsize,
         split=functional.split_of(x, kernel),
+        platform=functional.target_platform(),
     )
 
 
@@ -210,18 +217,23 @@ def _merged(
     bias: Any,
     entries: Sequence[tuple[Active, Any, Any]],
     site: Site,
-    fold_dtype: Any,
+    dtypes: tuple[Any, Any],
     view_dtype: Any,
+    rules: Sequence[FoldRule],
 ) -> jax.Array:
-    """The ``"merged"`` route: one call with ``W + Σ keep·ΔW`` in ``fold_dtype``. A Linear's backward is
-    :func:`_factored_backward`; other layers form ΔW again (``jax.checkpoint``)."""
+    """The ``"merged"`` route: one call with ``W + Σ keep·ΔW``, summed in ``dtypes[0]`` and rounded
+    once to ``dtypes[1]``, each ΔW as its ``rules`` (``lycoris_core.paths.FoldRule``) say. A Linear's
+    backward is :func:`_factored_backward` (``dx`` through the fold where a rule asks); other layers
+    form ΔW again (``jax.checkpoint``)."""
     plans = [a.plan for a, _, _ in entries]
+    acc, fold_dtype = dtypes
 
     def fold(kernel: jax.Array, arrays: tuple) -> jax.Array:
-        total = kernel.astype(fold_dtype)
-        for plan, (factors, scale, rows, keep) in zip(plans, arrays, strict=True):
-            total = total + _kept(delta_kernel(Active(plan, factors, scale), site, rows), keep).astype(fold_dtype)
-        return total
+        total = kernel.astype(acc)
+        for plan, rule, (factors, scale, rows, keep) in zip(plans, rules, arrays, strict=True):
+            delta = delta_kernel(Active(plan, factors, scale), site, rows, matmul_form=rule.matmul_form)
+            total = total + _kept(delta, keep).astype(acc)
+        return total.astype(fold_dtype)
 
     def primal(x: jax.Array, kernel: jax.Array, bias: Any, arrays: tuple) -> jax.Array:
         return call(x, fold(kernel, arrays), bias, view_dtype)
@@ -229,7 +241,9 @@ def _merged(
     arrays = _arrays(entries)
     if not site.linear:
         return jax.checkpoint(primal)(x, kernel, bias, arrays)
-    frozen = lambda x, k, b: call(x, k.astype(fold_dtype), b, view_dtype)  # noqa: E731
+    if any(rule.dx_through_fold for rule in rules):
+        return _factored_backward(primal, primal, x, kernel, bias, arrays, plans, None, dx_through_fold=True)
+    frozen = lambda x, k, b, a: call(x, k.astype(fold_dtype), b, view_dtype)  # noqa: E731
     return _factored_backward(primal, frozen, x, kernel, bias, arrays, plans, None)
 
 
@@ -262,7 +276,7 @@ def _peft(
         return result
 
     arrays = _arrays(entries)
-    frozen = lambda x, k, b: call(x, k, b, base_dtype)  # noqa: E731
+    frozen = lambda x, k, b, a=None: call(x, k, b, base_dtype)  # noqa: E731
     if not site.linear:
         return jax.checkpoint(add)(frozen(x, kernel, bias), x, arrays)
     primal = lambda x, k, b, a: add(frozen(x, k, b), x, a)  # noqa: E731
@@ -299,12 +313,16 @@ def _factored_backward(
     arrays: tuple,
     plans: Sequence[AdapterPlan],
     branch_x_dtype: Any,
+    *,
+    dx_through_fold: bool = False,
 ) -> jax.Array:
     """``primal(x, kernel, bias, arrays)`` of a Linear with its adapters, whose backward pass is the
-    frozen layer's (``frozen(x, kernel, bias)``'s: ``dx`` through ``W``, ``dW`` and ``db`` only if
-    asked) plus each adapter's ``linear_grads`` on ``dy`` (rank-dropout rows and module dropout
-    applied): neither ΔW nor a ΔW-sized gradient is formed, and sharded factor gradients are reduced
-    at factor size. ``branch_x_dtype``: the dtype the branches saw ``x`` in (``None``: as it is)."""
+    frozen layer's (``frozen(x, kernel, bias, arrays)``'s: ``dx`` through ``W``, ``dW`` and ``db`` only
+    if asked) plus each adapter's ``linear_grads`` on ``dy`` (rank-dropout rows and module dropout
+    applied): no ΔW-sized gradient is formed, and sharded factor gradients are reduced at factor size.
+    ``dx_through_fold``: ``frozen`` is the merged call itself, whose ``dx`` already holds the adapters'
+    (their ``linear_grads``' ``dx`` is dropped, and never computed). ``branch_x_dtype``: the dtype the
+    branches saw ``x`` in (``None``: as it is)."""
     grads = [method_for(p.peft_type).linear_grads for p in plans]
     out_features, in_features = plans[0].weight_shape
 
@@ -317,7 +335,7 @@ def _factored_backward(
 
     def backward(res: tuple, dy: jax.Array) -> tuple:
         x, kernel, bias, arrays = res
-        out, frozen_vjp = jax.vjp(frozen, x, kernel, bias)
+        out, frozen_vjp = jax.vjp(lambda x, k, b: frozen(x, k, b, arrays), x, kernel, bias)
         dx, dkernel, dbias = frozen_vjp(dy.astype(out.dtype))
         tokens = math.prod(x.shape[:-1])
         xb = x if branch_x_dtype is None else x.astype(branch_x_dtype)
@@ -328,7 +346,8 @@ def _factored_backward(
             fdtype = jnp.result_type(*factors.values())
             dyi = (dy2 if rows is None else dy2 * rows).astype(fdtype)
             dxi, dfactors, dscale = linear_grads(x2.astype(fdtype), _kept(dyi, keep), factors, scale)
-            dx = dx + functional.reshape(dxi, x.shape).astype(dx.dtype)
+            if not dx_through_fold:
+                dx = dx + functional.reshape(dxi, x.shape).astype(dx.dtype)
             darrays.append((dfactors, jnp.reshape(dscale, jnp.shape(scale)).astype(scale.dtype), None, None))
         return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias, tuple(darrays)
 

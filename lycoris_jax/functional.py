@@ -6,8 +6,10 @@ Also the one place where PyTorch layouts meet Flax layouts: :func:`to_flax_kerne
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,9 @@ __all__ = [
     "apply_rank_dropout",
     "array_spec",
     "call_with_kernel",
+    "compiling_for",
     "constrain",
+    "default_precision",
     "einsum",
     "einsum_axes",
     "factor_sharding",
@@ -41,9 +45,48 @@ __all__ = [
     "scaled",
     "shard_like",
     "split_of",
+    "target_platform",
     "to_flax_kernel",
     "to_torch_layout",
 ]
+
+
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("lycoris_jax_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Trace adapter calls for ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``) rather than JAX's default
+    backend: for compiling ahead of time for other devices (a TPU topology on a CPU host, as
+    ``benchmarks/tpu_aot.py`` does). The forward path and the fold (``lycoris_core.paths``) follow it.
+    JAX's caches are cleared on entry and exit (a jitted function's cached trace does not know the
+    platform it was traced for).
+
+    >>> with compiling_for("tpu"):
+    ...     lowered = jax.jit(step).lower(*abstract_args)  # doctest: +SKIP
+    """
+    if platform not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"compiling_for: platform must be 'cpu', 'gpu' or 'tpu', got {platform!r}")
+    token = _PLATFORM.set(platform)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+        jax.clear_caches()
+
+
+def target_platform() -> str:
+    """The platform adapter calls are traced for: :func:`compiling_for`'s, else JAX's default backend
+    (``"cuda"``/``"rocm"`` read as ``"gpu"``)."""
+    platform = _PLATFORM.get() or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def default_precision() -> bool:
+    """Matmuls run at the platform's default precision (``jax_default_matmul_precision`` unset or
+    the fastest level): a TPU then rounds float32 operands to bf16."""
+    return jax.config.jax_default_matmul_precision in (None, "default", "fastest", "bfloat16", "DEFAULT")
 
 
 def _explicit_spec(x: Any) -> tuple[Any, ...] | None:

@@ -26,6 +26,7 @@ __all__ = [
     "linear_grads",
     "make_weight",
     "make_weight_cp",
+    "matmul_weight",
 ]
 
 
@@ -55,6 +56,16 @@ def delta_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Seq
     else:
         weight = make_weight(f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"], scale)
     return reshape(weight, tuple(weight_shape))
+
+
+def matmul_weight(factors: Mapping[str, jax.Array], scale: Any, weight_shape: Sequence[int]) -> jax.Array:
+    """:func:`delta_weight` as one matmul ``R Qᵀ · scale`` of width ``r·r`` (:func:`_pair_products`), in
+    the base weight's PyTorch layout: more multiply-adds than PEFT's two rank-r products and their
+    Hadamard product, one kernel-sized pass instead of three (a TPU's choice). The CP form: ``delta_weight``."""
+    if "hada_t1" in factors:
+        return delta_weight(factors, scale, weight_shape)
+    r, q = _pair_products(factors)
+    return reshape(scaled(einsum("ok,ik->oi", r, q), scale), tuple(weight_shape))
 
 
 def delta_grads(

@@ -27,6 +27,7 @@ __all__ = [
     "TABLE",
     "TORCH_GRAD_ORACLE",
     "TORCH_ORACLE",
+    "TPU_MODE",
     "Case",
     "LayerSpec",
     "ModelSpec",
@@ -37,6 +38,9 @@ __all__ = [
 DTYPES = ("fp32", "bf16", "fp16")
 #: Forward paths with a column of their own (``lycoris_core.paths``); the default column is ``"auto"``.
 PATH_MODES = ("peft", "merged", "factored")
+#: The merged path as a TPU compiles it (``lycoris_jax.compiling_for("tpu")``: the fold rules of
+#: ``lycoris_core.paths.fold_rule``), run on this machine: a column of its own for every layer and dtype.
+TPU_MODE = "merged_tpu"
 #: The JAX front ends every matrix case runs through (cell ids: ``<case>``, ``<case>-linen``, ``<case>-pytree``).
 FRONTS = ("nnx", "linen", "pytree")
 
@@ -154,6 +158,8 @@ class Case:
     @property
     def twin_kwargs(self) -> dict[str, Any]:
         """Extra arguments of both twins' tuners for this case's mode."""
+        if self.mode == TPU_MODE:
+            return {"forward_path": "merged"}
         return {"forward_path": self.mode} if self.mode in PATH_MODES else {}
 
     @property
@@ -182,6 +188,7 @@ FRONT_SKIPS: tuple[tuple[str, str, str, str], ...] = (
     ("pytree", "*", "peft", "the pytree API's forward is merge(params) and the model: the merged path only"),
     ("pytree", "*", "merged", "the pytree API's forward is the merged path already (the -pytree column of the case)"),
     ("pytree", "*", "factored", "the pytree API's forward is merge(params) and the model: the merged path only"),
+    ("pytree", "*", TPU_MODE, "the pytree API's forward is merge(params) and the model: no fold rules"),
     ("pytree", "*", "branch_base", "the pytree API has no branch (merge rounds W + ΔW to the kernel dtype once)"),
     ("linen", "delta_weight", "*", "the Linen API has no ΔW accessor; its ΔW is checked through linen.merge"),
     ("linen", "multi_adapter", "*", "a LycorisModule wraps one adapter; several adapters are merged one by one"),
@@ -277,8 +284,9 @@ def _matrix(inputs: str, skipped: list[tuple[str, str]]) -> list[Case]:
             if dtype != "fp32":  # mixed precision: the same cases with the branch in the base's dtype
                 cases.append(Case("loha", layer, dtype, *loha_opts[0], mode="branch_base", inputs=inputs))
                 cases.append(Case("lokr", layer, dtype, *lokr_opts[0], mode="branch_base", inputs=inputs))
-            for path in PATH_MODES:  # every forward path on every layer and dtype (a factored request
-                # the algebra does not allow, e.g. a grouped conv, is served by the merged path)
+            # every forward path on every layer and dtype (a factored request the algebra does not allow,
+            # e.g. a grouped conv, is served by the merged path); the TPU's fold rules on normal inputs
+            for path in (*PATH_MODES, *(() if arange else (TPU_MODE,))):
                 cases.append(Case("loha", layer, dtype, *loha_opts[0], mode=path, inputs=inputs))
                 cases.append(Case("lokr", layer, dtype, *lokr_opts[0], mode=path, inputs=inputs))
             if dtype == "fp32" and not arange:  # the LoKr factor shapes (and LoHa's CP form) on the factored path

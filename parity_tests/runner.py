@@ -38,7 +38,7 @@ from torch import nn
 
 import lycoris_jax as lj
 import lycoris_torch as lt
-from parity_tests.cases import EXPECTED_FAILURES, Case, LayerSpec, front_ops
+from parity_tests.cases import EXPECTED_FAILURES, TPU_MODE, Case, LayerSpec, front_ops
 from parity_tests.compare import Cell, check, dtype_name, measure, relative, to_numpy
 from parity_tests.fronts import LinenSide, PytreeSide, linen_module, linen_params
 from parity_tests.layouts import channels_first, channels_last, flax_to_torch_kernel, torch_to_flax_kernel
@@ -758,7 +758,8 @@ def run_case(case: Case, ops: tuple[str, ...] | None = None) -> list[Cell]:
     """Run ``ops`` (default: all that apply) on one case; returns one :class:`Cell` per front end and
     operation. A setup that raises fails every cell of the case."""
     ops = ops or tuple(op for op in OPERATIONS if op != "init" or "init" in case.extra_ops)
-    with _quiet():
+    platform = lj.compiling_for("tpu") if case.mode == TPU_MODE else contextlib.nullcontext()
+    with _quiet(), platform:
         try:
             run = Run(case)
         except Exception as err:

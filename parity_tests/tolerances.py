@@ -119,8 +119,18 @@ for _dtype, _ulp in _ULP.items():
         f"{_dtype} pytree gradients: the model differentiates the kernel merged in {_dtype} (pytree.merge rounds "
         f"W + ΔW to the kernel dtype), so dW = xᵀdy is rounded to {_dtype} before it reaches the factors: 2^-7.",
     )
+    _TPU_OUT = Tolerance(
+        1.0,
+        2 * _ulp,
+        f"{_dtype} merged path with a TPU's fold rules (lycoris_jax.compiling_for('tpu')): W + ΔW is rounded to "
+        f"{_dtype} before the layer's matmul, as a TPU's matrix unit rounds a float32 operand at default precision; "
+        f"one more rounding than PEFT's: 2 {_dtype} ulp.",
+    )
     for _op in MATRIX_OPS:
         _out = {"delta_weight": _DELTA, "rank_dropout_mask": _DELTA, "grad": _LOW_GRAD}.get(_op, _LOW_OUT)
+        TOLERANCES[(f"{_dtype}+merged_tpu", _op, "f64")] = {"grad": _LOW_GRAD}.get(
+            _op, _out if _out is _DELTA else _TPU_OUT
+        )
         for _mode in ("", "+peft", "+merged", "+factored"):
             TOLERANCES[(f"{_dtype}{_mode}", _op, "f64")] = _out
         TOLERANCES[(f"{_dtype}+branch_base", _op, "f64")] = {"grad": _BASE_GRAD}.get(
@@ -131,7 +141,7 @@ for _dtype, _ulp in _ULP.items():
         )
 for _op in MATRIX_OPS:
     _out = {"delta_weight": _DELTA, "rank_dropout_mask": _DELTA, "grad": _FP32_GRAD}.get(_op, _FP32_OUT)
-    for _mode in ("", "+peft", "+merged", "+factored", "+pytree"):
+    for _mode in ("", "+peft", "+merged", "+factored", "+pytree", "+merged_tpu"):
         TOLERANCES[(f"fp32{_mode}", _op, "f64")] = _out
 # Operations compared exactly (zero ΔW after init, a refused merge) have no float64 comparison.
 for (_row, _op, _against), _tol in list(TOLERANCES.items()):

@@ -75,3 +75,27 @@ def test_cost_rule_weighs_the_dtype_and_the_shardings():
         costs = path_costs(plan, 4096, training=True, split=split)
         assert costs["merged"] == pytest.approx(whole["merged"] / 8)
         assert costs["peft"] == pytest.approx(whole["peft"] / split.matmul, rel=0.05)  # its matmul dominates
+
+
+def test_the_tpu_rule_weighs_bytes_and_tiles():
+    from lycoris_core.paths import TPU_LOKR_RATIO
+
+    square = lokr(LayerShape("linear", 4096, 4096))  # a, b, c, d = 64: LoKr's blocks fill half a lane tile
+    auto = lambda plan, n, training=True, **kw: choose_path(  # noqa: E731
+        "auto", plan, n, training=training, supported=True, itemsize=2, platform="tpu", **kw
+    )
+    # few tokens: the Kronecker product's kernel-sized tiles cost more than the activations; many: the reverse
+    assert auto(square, 256) == "factored" and auto(square, 8192) == "merged"
+    costs = path_costs(square, 2048, training=True, platform="tpu")
+    assert costs["merged"] == pytest.approx(TPU_LOKR_RATIO * 4096 * 4096 * (128 / 64) ** 2)
+    assert costs["factored"] == 2048 * (4096 + 64 * 128 + 4096) and costs["peft"] == float("inf")
+    # LoHa: the merged path forms R Qᵀ on the matrix unit; factored only for few tokens, or wide r² in training
+    wide = plan_loha(LayerShape("linear", 1024, 1024), 64, 64.0, LoHaConfig())
+    assert auto(loha(LayerShape("linear", 4096, 4096)), 256, training=False) == "merged"
+    assert auto(loha(LayerShape("linear", 4096, 4096)), 64) == "factored"
+    assert auto(loha(LayerShape("linear", 4096, 4096)), 4096) == "merged"
+    assert auto(wide, 1024) == "factored" and auto(wide, 8192) == "merged"
+    # data parallel over 8 chips: 1/8 of the tokens per chip against the whole kernel
+    assert auto(square, 8192, split=Split(tokens=8, matmul=8)) == "factored"
+    # the CPU rule is unchanged by the platform argument's default
+    assert path_costs(square, 512, training=True) == path_costs(square, 512, training=True, platform="cpu")
