@@ -171,12 +171,13 @@ def path_costs(
 TPU_LANES = 128
 #: TPU thresholds, from ``benchmarks/tpu_aot.py --calibrate`` (single bf16 Linears from 256 to 16384
 #: wide and the models' projections, 256 to 8192 tokens, r = 8, 16, 64): "factored" when the
-#: activations it moves are below this fraction of the kernel-sized work "merged" does
-TPU_LOKR_RATIO = 0.25
-TPU_LOHA_RATIO = 1 / 16
+#: activations it moves are below this fraction of the kernel-sized work "merged" does, per
+#: ``(training, eval)``
+TPU_LOKR_RATIO = (0.18, 0.7)
+TPU_LOHA_RATIO = (0.044, 0.044)
 #: LoHa with ``r² > TPU_LOHA_WIDE · min(in, out)``: forming ``R Qᵀ`` costs ``r²`` multiply-adds per
 #: kernel element, and "factored" pays off up to this many times more activations
-TPU_LOHA_WIDE, TPU_LOHA_WIDE_RATIO = 0.3, 4.0
+TPU_LOHA_WIDE, TPU_LOHA_WIDE_FACTOR = 0.1, (64.0, 4.0)
 
 
 def _lanes(n: int) -> int:
@@ -188,20 +189,21 @@ def _tpu_costs(plan: AdapterPlan, tokens: int, *, training: bool, split: Split) 
     by multiply-adds (the matrix unit's are nearly free). ``"merged"``: kernel-sized work (LoKr's
     Kronecker product laid out in tiles of :data:`TPU_LANES`); ``"factored"``: activation-sized work
     (LoKr's ``(N, c, b)`` intermediate padded to whole tiles), scaled by the calibrated thresholds.
-    The TPU compiler's estimate picks the same path in 90% of B6's grid (BENCHMARKS.md)."""
+    The TPU compiler's estimate agrees in 87% of B6's grid (BENCHMARKS.md)."""
     layer = plan.layer
     out_f, in_f = layer.out_features, layer.in_features
     n, numel = tokens / split.tokens, math.prod(plan.weight_shape) / split.kernel
+    mode = 0 if training else 1
     if plan.peft_type == "LOKR":
         shapes = plan.factor_shapes
         a = shapes["lokr_w1"][0] if "lokr_w1" in shapes else shapes["lokr_w1_a"][0]
         c = shapes["lokr_w1"][1] if "lokr_w1" in shapes else shapes["lokr_w1_b"][1]
         b, d = out_f // a, in_f // c
-        merged = TPU_LOKR_RATIO * numel * _lanes(d) * _lanes(b) / (d * b)
+        merged = TPU_LOKR_RATIO[mode] * numel * _lanes(d) * _lanes(b) / (d * b)
         factored = n * (_lanes(in_f) + c * _lanes(b) + _lanes(out_f))
     else:
         wide = plan.r * plan.r > TPU_LOHA_WIDE * min(in_f, out_f)
-        ratio = (TPU_LOHA_WIDE_RATIO if wide else TPU_LOHA_RATIO) if training else 0.0
+        ratio = TPU_LOHA_RATIO[mode] * (TPU_LOHA_WIDE_FACTOR[mode] if wide else 1.0)
         merged, factored = ratio * numel, n * (in_f + out_f)
     costs = {"peft": math.inf, "merged": merged}
     if factorable(plan):
