@@ -68,27 +68,24 @@ class FoldRule:
     ``matmul_form``: ΔW by the method's ``matmul_weight`` where it has one (LoHa: one product ``R Qᵀ``
     of width r² instead of two rank-r products and their elementwise product): more multiply-adds,
     which the matrix unit does nearly free, and one kernel-sized pass instead of three.
-    ``dx_through_fold``: the backward's ``dx`` is ``dy (W + ΔW)ᵀ``, the fold shared with the forward,
-    instead of ``dy Wᵀ`` plus the branch's ``dx``. Taken where the branch's ``dx`` costs layout copies
-    (LoKr: activations reshaped to ``(N, c, d)``); LoHa's is a matmul by a factor it forms anyway."""
+    ``dx_through_fold``: the backward's ``dx`` is ``dy (W + ΔW)ᵀ``, the fold shared with the forward
+    (a rematerialised block forms it again for its backward anyway), instead of ``dy Wᵀ`` plus the
+    branch's ``dx`` (LoKr's reshapes the activations to ``(N, c, d)``: layout copies on a TPU)."""
 
     layer_dtype: bool = False
     matmul_form: bool = False
     dx_through_fold: bool = False
 
 
-#: methods whose Linear ``dx`` through the branch is a reshaped contraction (not a plain matmul)
-RESHAPED_BRANCH = frozenset({"LOKR"})
-
-
 def fold_rule(peft_type: str, platform: str, *, default_precision: bool = True) -> FoldRule:
     """The :class:`FoldRule` of a ``"merged"`` call of ``peft_type`` compiled for ``platform``
     (``"cpu"``, ``"gpu"``, ``"tpu"``); ``default_precision``: matmuls run at the platform's default
-    precision (no ``"highest"`` requested). Calibrated with ``benchmarks/tpu_aot.py`` (B6): on CPU and
-    GPU the merged route is PEFT's fold, in the adapter's dtype."""
+    precision (no ``"highest"`` requested). Chosen with ``benchmarks/tpu_aot.py`` (B6), the same for
+    every method today (``peft_type`` is there for one that differs); on CPU and GPU the merged route
+    is PEFT's fold, in the adapter's dtype."""
     if platform != "tpu":
         return FoldRule()
-    return FoldRule(layer_dtype=default_precision, matmul_form=True, dx_through_fold=peft_type in RESHAPED_BRANCH)
+    return FoldRule(layer_dtype=default_precision, matmul_form=True, dx_through_fold=True)
 
 
 def check_forward_path(value: object) -> str:

@@ -60,9 +60,9 @@ def _reference(tuner):
 
 def test_fold_rules_by_platform():
     assert fold_rule("LOKR", "cpu") == FoldRule() == fold_rule("LOHA", "gpu")
-    lokr, loha_rule = fold_rule("LOKR", "tpu"), fold_rule("LOHA", "tpu")
-    assert lokr.layer_dtype and lokr.matmul_form and lokr.dx_through_fold
-    assert loha_rule.layer_dtype and loha_rule.matmul_form and not loha_rule.dx_through_fold
+    for kind in ("LOKR", "LOHA"):
+        rule = fold_rule(kind, "tpu")
+        assert rule.layer_dtype and rule.matmul_form and rule.dx_through_fold
     assert not fold_rule("LOKR", "tpu", default_precision=False).layer_dtype  # "highest": the fold stays fp32
 
 
@@ -96,7 +96,7 @@ def test_tpu_fold_rules_compute_the_same_step(kind):
     assert len(leaves_cpu) == len(leaves_tpu) >= 2
     for g, h in zip(leaves_cpu, leaves_tpu, strict=True):
         np.testing.assert_allclose(np.asarray(h), np.asarray(g), rtol=1e-6, atol=1e-6)
-    # dx: through W + ΔW (LoKr on TPU) or dy Wᵀ plus the branch's dx, within one bf16 rounding of float64
+    # dx: dy Wᵀ plus the branch's dx (CPU) or through W + ΔW (TPU), within one bf16 rounding of float64
     for dx in (dx_cpu, dx_tpu):
         assert np.abs(np.asarray(dx, np.float64) - ref_dx).max() <= 2.0**-7 * np.abs(ref_dx).max()
 
