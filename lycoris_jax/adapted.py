@@ -14,7 +14,8 @@ active adapters' plans, factors and scales, the route, the mode, a dropout key �
 - the dtype rule: the branch computes in the factors' dtype (PEFT) or, ``branch_dtype="base"``, in the
   layer's compute dtype; the result is always in the base layer's own output dtype;
 - the one factored backward of a Linear (:func:`_factored_backward`): the frozen layer's backward
-  plus each adapter's ``linear_grads``, never a ΔW-sized array;
+  plus each adapter's ``linear_grads``, never a ΔW-sized gradient (on a TPU the merged route's ``dx``
+  goes through ``W + ΔW``, formed again: ``lycoris_core.paths.fold_rule``);
 - ΔW-cotangent gradients for a merged kernel (:func:`merge_kernel`, the pytree API's ``merge``).
 """
 
