@@ -59,8 +59,9 @@ def compiling_for(platform: str) -> Iterator[None]:
     """Trace adapter calls for ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``) rather than JAX's default
     backend: for compiling ahead of time for other devices (a TPU topology on a CPU host, as
     ``benchmarks/tpu_aot.py`` does). The forward path and the fold (``lycoris_core.paths``) follow it.
-    JAX's caches are cleared on entry and exit (a jitted function's cached trace does not know the
-    platform it was traced for).
+    A function jitted and traced before keeps its trace (JAX's cache does not see the platform; the
+    paths compute the same values either way, in another order): trace fresh functions inside, as B6
+    does, or call ``jax.clear_caches()`` first.
 
     >>> with compiling_for("tpu"):
     ...     lowered = jax.jit(step).lower(*abstract_args)  # doctest: +SKIP
@@ -68,12 +69,10 @@ def compiling_for(platform: str) -> Iterator[None]:
     if platform not in ("cpu", "gpu", "tpu"):
         raise ValueError(f"compiling_for: platform must be 'cpu', 'gpu' or 'tpu', got {platform!r}")
     token = _PLATFORM.set(platform)
-    jax.clear_caches()
     try:
         yield
     finally:
         _PLATFORM.reset(token)
-        jax.clear_caches()
 
 
 def target_platform() -> str:

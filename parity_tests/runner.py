@@ -758,7 +758,7 @@ def run_case(case: Case, ops: tuple[str, ...] | None = None) -> list[Cell]:
     """Run ``ops`` (default: all that apply) on one case; returns one :class:`Cell` per front end and
     operation. A setup that raises fails every cell of the case."""
     ops = ops or tuple(op for op in OPERATIONS if op != "init" or "init" in case.extra_ops)
-    platform = lj.compiling_for("tpu") if case.mode == TPU_MODE else contextlib.nullcontext()
+    platform = _tpu_rules() if case.mode == TPU_MODE else contextlib.nullcontext()
     with _quiet(), platform:
         try:
             run = Run(case)
@@ -768,6 +768,18 @@ def run_case(case: Case, ops: tuple[str, ...] | None = None) -> list[Cell]:
         else:
             setup_error = ""
         return _run_ops(run, ops, setup_error)
+
+
+@contextlib.contextmanager
+def _tpu_rules() -> Iterator[None]:
+    """The TPU's fold rules on this machine (``lycoris_jax.compiling_for("tpu")``), JAX's caches cleared
+    on entry and exit: a jitted function traced by another case keeps its trace otherwise."""
+    jax.clear_caches()
+    try:
+        with lj.compiling_for("tpu"):
+            yield
+    finally:
+        jax.clear_caches()
 
 
 def _run_ops(run: Run, ops: tuple[str, ...], setup_error: str) -> list[Cell]:
