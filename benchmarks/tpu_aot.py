@@ -322,18 +322,23 @@ def figures(compiled: Any) -> Figures:
     )
 
 
+def _lowering(shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int, head: bool) -> tuple:
+    """``(train_step, eval_forward, (trained, opt_state, rest, ids))``: the steps and their argument
+    structs on ``mesh`` (call under ``jax.set_mesh(mesh)``)."""
+    train_step, eval_forward, trained, rest, tx = steps(build(shape, variant), variant, head)
+    t, r = _structs(trained, mesh), _structs(rest, mesh)
+    ids = jax.ShapeDtypeStruct(
+        (batch * mesh.shape["fsdp"], tokens), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("fsdp"))
+    )
+    return train_step, eval_forward, (t, _opt_structs(tx, t), r, ids)
+
+
 def _compile(
     shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int, head: bool, unroll: Any
 ) -> tuple[Figures, Figures]:
     UNROLL[0] = unroll
     with jax.set_mesh(mesh), lj.compiling_for("tpu"):  # Auto axes: the kernels' partition metadata names them
-        model = build(shape, variant)
-        train_step, eval_forward, trained, rest, tx = steps(model, variant, head)
-        t, r = _structs(trained, mesh), _structs(rest, mesh)
-        o = _opt_structs(tx, t)
-        ids = jax.ShapeDtypeStruct(
-            (batch * mesh.shape["fsdp"], tokens), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("fsdp"))
-        )
+        train_step, eval_forward, (t, o, r, ids) = _lowering(shape, variant, mesh, tokens, batch, head)
         train = jax.jit(train_step, donate_argnums=(0, 1)).lower(t, o, r, ids).compile()
         forward = jax.jit(eval_forward).lower(t, r, ids).compile()
     return figures(train), figures(forward)
@@ -347,18 +352,10 @@ def measure(
     weights, after one warm-up step."""
     UNROLL[0] = 1
     with jax.set_mesh(mesh):
-        model = build(shape, variant)
-        train_step, _, trained, rest, tx = steps(model, variant, head)
-        t, r = _structs(trained, mesh), _structs(rest, mesh)
-        o = _opt_structs(tx, t)
-        ids = jax.ShapeDtypeStruct(
-            (batch * mesh.shape["fsdp"], tokens), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("fsdp"))
-        )
-        zeros = lambda tree: jax.tree.map(  # noqa: E731
-            lambda s: jax.jit(lambda: jnp.zeros(s.shape, s.dtype), out_shardings=s.sharding)(), tree
-        )
-        state, opt_state, params, batch_ids = zeros(t), zeros(o), zeros(r), zeros(ids)
-        compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(t, o, r, ids).compile()
+        train_step, _, structs = _lowering(shape, variant, mesh, tokens, batch, head)
+        zeros = lambda s: jax.jit(lambda: jnp.zeros(s.shape, s.dtype), out_shardings=s.sharding)()  # noqa: E731
+        state, opt_state, params, batch_ids = jax.tree.map(zeros, structs)
+        compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(*structs).compile()
         state, opt_state, *out = compiled(state, opt_state, params, batch_ids)
         jax.block_until_ready(out)
         start = time.perf_counter()
