@@ -111,10 +111,36 @@ class Block(nnx.Module):
         q = self.q_proj(h).reshape(b, t, s.heads, s.head_dim)
         k = self.k_proj(h).reshape(b, t, s.kv_heads, s.head_dim)
         v = self.v_proj(h).reshape(b, t, s.kv_heads, s.head_dim)
-        x = x + self.o_proj(jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, -1))
+        x = x + self.o_proj(_attention(q, k, v).reshape(b, t, -1))
         h = self.post_norm(x)
         act = nnx.silu if s.act == "silu" else nnx.gelu
         return x + self.down_proj(act(self.gate_proj(h)) * self.up_proj(h))
+
+
+#: sequences longer than this run attention in blocks of ``BLOCK`` queries and the loss in blocks of
+#: ``BLOCK`` tokens, each rematerialised (as memory-efficient TPU trainers do: at 8192 tokens one
+#: chip's attention scores and vocabulary logits alone exceed a v5e chip); shorter ones in one piece
+LONG, BLOCK = 4096, 2048
+
+
+def _blocks(t: int) -> int:
+    return t // BLOCK if t > LONG and t % BLOCK == 0 else 1
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal grouped-query attention, ``(b, t, heads, head_dim)``; in query blocks for long sequences."""
+    t, n = q.shape[1], _blocks(q.shape[1])
+    if n == 1:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    blocks = q.reshape(q.shape[0], n, t // n, *q.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def block(i: jax.Array, qb: jax.Array) -> jax.Array:
+        rows = i * (t // n) + jnp.arange(t // n)
+        return jax.nn.dot_product_attention(qb, k, v, mask=(rows[:, None] >= jnp.arange(t)[None, :])[None, None])
+
+    out = jax.lax.map(lambda a: block(*a), (jnp.arange(n), blocks))
+    return out.swapaxes(0, 1).reshape(q.shape)
 
 
 def _batch_sharded(x: jax.Array) -> jax.Array:
@@ -152,8 +178,22 @@ class Decoder(nnx.Module):
         without ``head``, the mean square of the blocks' output (the blocks alone)."""
         if not head:
             return jnp.mean(jnp.square(self.norm(self.blocks(x)).astype(jnp.float32)))
-        logits = self.lm_head(self.norm(self.blocks(x)))
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:]).mean()
+        h, labels = self.norm(self.blocks(x))[:, :-1], ids[:, 1:]
+        n = _blocks(ids.shape[1])
+        if n == 1:
+            logits = self.lm_head(h).astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        # blocks of BLOCK positions (the last one short by the shifted label), each rematerialised
+        h = jnp.pad(h, ((0, 0), (0, 1), (0, 0))).reshape(h.shape[0], n, -1, h.shape[-1]).swapaxes(0, 1)
+        labels = jnp.pad(labels, ((0, 0), (0, 1)), constant_values=-1).reshape(labels.shape[0], n, -1).swapaxes(0, 1)
+
+        @jax.checkpoint
+        def block(hb: jax.Array, lb: jax.Array) -> jax.Array:
+            losses = optax.softmax_cross_entropy_with_integer_labels(self.lm_head(hb).astype(jnp.float32), lb)
+            return jnp.sum(jnp.where(lb >= 0, losses, 0.0))
+
+        total = jax.lax.map(lambda a: block(*a), (h, labels))  # label -1: padding, masked out
+        return total.sum() / (ids.shape[0] * (ids.shape[1] - 1))
 
 
 # ---------------------------------------------------------------- variants and steps
@@ -399,6 +439,99 @@ def compile_variant(
     one = _compile(dataclasses.replace(shape, layers=1), variant, mesh, tokens, batch, head, True)
     two = _compile(dataclasses.replace(shape, layers=2), variant, mesh, tokens, batch, head, True)
     return tuple(_extrapolated(one[i], two[i], shape.layers, memory[i]) for i in range(2))
+
+
+_NO_FIT = re.compile(r"exceeds available HBM|RESOURCE_EXHAUSTED|Ran out of memory")
+
+
+def train_memory(
+    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int, head: bool = True
+) -> Figures | None:
+    """The scanned train step's per-chip figures (memory as it runs; its time is one layer's), or
+    ``None`` when the compiler finds it does not fit the chip's HBM."""
+    UNROLL[0] = 1
+    try:
+        with jax.set_mesh(mesh), lj.compiling_for("tpu"):
+            train_step, _, (t, o, r, ids) = _lowering(shape, variant, mesh, tokens, batch, head)
+            return figures(jax.jit(train_step, donate_argnums=(0, 1)).lower(t, o, r, ids).compile())
+    except Exception as error:  # libtpu reports an over-budget program as a compile error
+        if _NO_FIT.search(str(error)):
+            return None
+        raise
+
+
+def largest_batch(
+    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, hbm: int, head: bool = True, cap: int = 64
+) -> tuple[int, Figures | None]:
+    """The most sequences of ``tokens`` per chip whose train step fits, and that step's figures: the
+    memory at 1 and 2 sequences predicts it (temporaries grow linearly with the batch), then the
+    compiler confirms it (the prediction compiles within ``hbm``, one more does not). At most ``cap``."""
+
+    def fit(batch: int) -> Figures | None:  # libtpu may compile a program over HBM without an error
+        fig = train_memory(shape, variant, mesh, tokens, batch, head)
+        return fig if fig is not None and fig.total <= hbm else None
+
+    one = fit(1)
+    if one is None:
+        return 0, None
+    two = fit(2)
+    if two is None:
+        return 1, one
+    fits = {1: one, 2: two}
+    slope = max(two.total - one.total, 1)
+    batch = min(cap, max(2, 1 + int((hbm - one.total) // slope)))
+    while True:  # walk from the prediction to the boundary: usually two compiles
+        if batch not in fits:
+            fits[batch] = fit(batch)
+        if fits[batch] is None:
+            batch -= 1
+            if batch in fits and fits[batch] is not None:
+                return batch, fits[batch]
+        else:
+            if batch == cap or (batch + 1 in fits and fits[batch + 1] is None):
+                return batch, fits[batch]
+            batch += 1
+
+
+def batch_table(
+    models: Sequence[str],
+    topologies: Sequence[str],
+    meshes: Sequence[str],
+    tokens: Sequence[int],
+    variants: Sequence[str],
+    out: str | None = None,
+) -> list[dict]:
+    """The largest batch that fits per variant (full depth, with the head): one row each."""
+    rows = []
+    for model_name in models:
+        for topology in topologies:
+            for mesh_name in meshes:
+                mesh, hbm = devices(topology, mesh_name)
+                for n in tokens:
+                    print(f"\n{model_name}, {topology} mesh {mesh_name}, sequences of {n} tokens per chip")
+                    print("| variant | largest batch | tokens per chip | total GiB at it | of HBM |")
+                    print("|---|---|---|---|---|")
+                    for text in variants:
+                        variant, start = Variant.parse(text), time.perf_counter()
+                        batch, fig = largest_batch(MODELS[model_name], variant, mesh, n, hbm)
+                        row = dict(
+                            model=model_name,
+                            topology=topology,
+                            mesh=mesh_name,
+                            tokens=n,
+                            variant=variant.name,
+                            batch=batch,
+                            hbm=hbm,
+                            total=fig.total if fig else None,
+                            compile_seconds=time.perf_counter() - start,
+                        )
+                        rows.append(row)
+                        total = f"{fig.total / GIB:.2f} | {fig.total / hbm:.0%}" if fig else "- | -"
+                        print(f"| {variant.name} | {batch} | {batch * n} | {total} |", flush=True)
+                        if out:
+                            with open(out, "w") as f:
+                                json.dump(rows, f, indent=1)
+    return rows
 
 
 # ---------------------------------------------------------------- one layer: the cost rule's grid
@@ -672,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", help="write every row as JSON here")
     parser.add_argument("--calibrate", action="store_true", help="the cost rule's single-layer grid instead")
     parser.add_argument("--measure", action="store_true", help="on a TPU VM: also run each step on its chips")
+    parser.add_argument("--largest-batch", action="store_true", help="the largest batch that fits, per variant")
     parser.add_argument("--agreement", nargs="+", metavar="JSON", help="re-score --calibrate's rows with the rule")
     args = parser.parse_args(argv)
     if args.agreement:  # the rule against saved compiler estimates: no compiling
@@ -702,6 +836,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         Variant.parse(v)  # a bad variant fails before anything compiles
     if args.layers:
         grid["layers"] = args.layers
+    if args.largest_batch:
+        keys = ("models", "topologies", "meshes", "tokens", "variants")
+        batch_table(**{k: grid[k] for k in keys}, out=args.out)
+        return
     run(**grid, out=args.out, attached=args.measure)
 
 

@@ -1,6 +1,7 @@
 """The ``lycoris-jax`` command (``python -m lycoris_cli``).
 
-Subcommands: ``demo`` (fine-tune and cross-load, the README's main job), ``convert`` (PEFT
+Subcommands: ``demo`` (fine-tune and cross-load, the README's main job), ``finetune`` (your
+checkpoint, your text), ``convert`` (PEFT
 directory <-> LyCORIS/kohya file), ``check`` (validate an adapter and compare the frameworks on it),
 ``inspect`` (what an adapter holds, as a table or ``--json``). ``--help`` on each.
 
@@ -149,7 +150,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lycoris_cli import demo
+    from lycoris_cli import demo, finetune
 
     parser = argparse.ArgumentParser(
         prog="lycoris-jax",
@@ -165,6 +166,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(p)
+    p = commands.add_parser(
+        "finetune",
+        help="train a LoKr/LoHa adapter on your local checkpoint and your text; resumable; PEFT's files at the end",
+        description=finetune.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune.add_arguments(p)
     p = commands.add_parser(
         "convert",
         help="PEFT adapter directory <-> LyCORIS/kohya single .safetensors file",
@@ -201,11 +209,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lycoris_cli import demo
+    from lycoris_cli import demo, finetune
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    run = {"demo": demo.run, "convert": _convert, "check": _check, "inspect": _inspect}[args.command]
-    unusable = (ValueError, OSError) if args.command == "demo" else (ValueError, TypeError, OSError)
+    commands = {"demo": demo.run, "finetune": finetune.run, "convert": _convert, "check": _check, "inspect": _inspect}
+    run = commands[args.command]
+    unusable = (ValueError, OSError) if args.command in ("demo", "finetune") else (ValueError, TypeError, OSError)
     try:
         code = run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
