@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -48,340 +47,26 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lycoris_jax as lj
-
-GIB = 2**30
-BF16 = jnp.bfloat16
-#: unroll the layer scan (the compiler's cost model counts a loop's body once)
-UNROLL = [1]
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """A decoder's shape (grouped-query attention, gated MLP)."""
-
-    d: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ff: int
-    layers: int
-    vocab: int
-    act: str = "silu"
-
-
-MODELS = {
-    "llama3-8b": Shape(d=4096, heads=32, kv_heads=8, head_dim=128, ff=14336, layers=32, vocab=128256),
-    "gemma2-2b": Shape(d=2304, heads=8, kv_heads=4, head_dim=256, ff=9216, layers=26, vocab=256000, act="gelu"),
-    "tiny": Shape(d=256, heads=4, kv_heads=2, head_dim=64, ff=512, layers=2, vocab=512),  # the CI smoke test
-}
-#: name -> (topology of 8 chips, HBM per chip in bytes)
-TOPOLOGIES = {"v5e": ("v5e:2x4", 16 * GIB), "v6e": ("v6e:2x4", 32 * GIB), "v5p": ("v5p:2x2x2", 95 * GIB)}
-#: name -> (mesh shape, axis names); "1": one chip of the topology
-MESHES = {"1": ((1, 1), ("fsdp", "tp")), "fsdp": ((8, 1), ("fsdp", "tp")), "fsdp_tp": ((4, 2), ("fsdp", "tp"))}
-METHODS = {"lokr": (lj.LoKrConfig, lj.LoKrModel), "loha": (lj.LoHaConfig, lj.LoHaModel)}
-PATHS = ("auto", "merged", "factored", "peft")
-
-
-# ---------------------------------------------------------------- the model
-def _linear(i: int, o: int, spec: tuple, rngs: nnx.Rngs) -> nnx.Linear:
-    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), spec)
-    return nnx.Linear(i, o, use_bias=False, dtype=BF16, param_dtype=BF16, kernel_init=init, rngs=rngs)
-
-
-class Block(nnx.Module):
-    """Pre-norm decoder block. Kernels are ``(in, out)``: columns of q/k/v/gate/up and rows of o/down
-    on the tensor-parallel axis ``tp``, the other dim on ``fsdp`` (Megatron layout under FSDP)."""
-
-    def __init__(self, s: Shape, rngs: nnx.Rngs) -> None:
-        col, row = ("fsdp", "tp"), ("tp", "fsdp")
-        self.s = s
-        self.q_proj = _linear(s.d, s.heads * s.head_dim, col, rngs)
-        self.k_proj = _linear(s.d, s.kv_heads * s.head_dim, col, rngs)
-        self.v_proj = _linear(s.d, s.kv_heads * s.head_dim, col, rngs)
-        self.o_proj = _linear(s.heads * s.head_dim, s.d, row, rngs)
-        self.gate_proj, self.up_proj = _linear(s.d, s.ff, col, rngs), _linear(s.d, s.ff, col, rngs)
-        self.down_proj = _linear(s.ff, s.d, row, rngs)
-        norm = functools.partial(nnx.RMSNorm, s.d, dtype=BF16, param_dtype=BF16, rngs=rngs)
-        self.input_norm, self.post_norm = norm(), norm()
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        s, (b, t, _) = self.s, x.shape
-        h = self.input_norm(x)
-        q = self.q_proj(h).reshape(b, t, s.heads, s.head_dim)
-        k = self.k_proj(h).reshape(b, t, s.kv_heads, s.head_dim)
-        v = self.v_proj(h).reshape(b, t, s.kv_heads, s.head_dim)
-        x = x + self.o_proj(_attention(q, k, v).reshape(b, t, -1))
-        h = self.post_norm(x)
-        act = nnx.silu if s.act == "silu" else nnx.gelu
-        return x + self.down_proj(act(self.gate_proj(h)) * self.up_proj(h))
-
-
-#: sequences longer than this run attention in blocks of ``BLOCK`` queries and the loss in blocks of
-#: ``BLOCK`` tokens, each rematerialised (as memory-efficient TPU trainers do: at 8192 tokens one
-#: chip's attention scores and vocabulary logits alone exceed a v5e chip); shorter ones in one piece
-LONG, BLOCK = 4096, 2048
-
-
-def _blocks(t: int) -> int:
-    return t // BLOCK if t > LONG and t % BLOCK == 0 else 1
-
-
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal grouped-query attention, ``(b, t, heads, head_dim)``; in query blocks for long sequences."""
-    t, n = q.shape[1], _blocks(q.shape[1])
-    if n == 1:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    blocks = q.reshape(q.shape[0], n, t // n, *q.shape[2:]).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def block(i: jax.Array, qb: jax.Array) -> jax.Array:
-        rows = i * (t // n) + jnp.arange(t // n)
-        return jax.nn.dot_product_attention(qb, k, v, mask=(rows[:, None] >= jnp.arange(t)[None, :])[None, None])
-
-    out = jax.lax.map(lambda a: block(*a), (jnp.arange(n), blocks))
-    return out.swapaxes(0, 1).reshape(q.shape)
-
-
-def _batch_sharded(x: jax.Array) -> jax.Array:
-    """Activations split by sequence over ``fsdp`` (else the compiler may split them by features, as
-    the embedding table is, and replicate the attention scores)."""
-    return jax.lax.with_sharding_constraint(x, PartitionSpec("fsdp"))
-
-
-class Decoder(nnx.Module):
-    """Embedding, ``layers`` blocks stacked on a leading axis, final norm, output head."""
-
-    def __init__(self, s: Shape, rngs: nnx.Rngs) -> None:
-        @nnx.split_rngs(splits=s.layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-        def create(rngs: nnx.Rngs) -> Block:
-            return Block(s, rngs)
-
-        embed_init = nnx.with_partitioning(nnx.initializers.normal(), ("tp", "fsdp"))
-        self.embed = nnx.Embed(s.vocab, s.d, dtype=BF16, param_dtype=BF16, embedding_init=embed_init, rngs=rngs)
-        self.layers = create(rngs)
-        self.norm = nnx.RMSNorm(s.d, dtype=BF16, param_dtype=BF16, rngs=rngs)
-        self.lm_head = _linear(s.d, s.vocab, ("fsdp", "tp"), rngs)
-
-    def blocks(self, x: jax.Array) -> jax.Array:
-        """The stack as ``jax.lax.scan`` over the layers' state, each block rematerialised."""
-        graphdef, state = nnx.split(self.layers)
-
-        def body(h: jax.Array, layer: Any) -> tuple[jax.Array, None]:
-            return _batch_sharded(nnx.merge(graphdef, layer)(_batch_sharded(h))), None
-
-        return jax.lax.scan(jax.checkpoint(body), _batch_sharded(x), state, unroll=UNROLL[0])[0]
-
-    def loss(self, x: jax.Array, ids: jax.Array, head: bool = True) -> jax.Array:
-        """Next-token cross-entropy of the blocks' output ``x`` (the embedded ``ids``) through the head;
-        without ``head``, the mean square of the blocks' output (the blocks alone)."""
-        if not head:
-            return jnp.mean(jnp.square(self.norm(self.blocks(x)).astype(jnp.float32)))
-        h, labels = self.norm(self.blocks(x))[:, :-1], ids[:, 1:]
-        n = _blocks(ids.shape[1])
-        if n == 1:
-            logits = self.lm_head(h).astype(jnp.float32)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        # blocks of BLOCK positions (the last one short by the shifted label), each rematerialised
-        h = jnp.pad(h, ((0, 0), (0, 1), (0, 0))).reshape(h.shape[0], n, -1, h.shape[-1]).swapaxes(0, 1)
-        labels = jnp.pad(labels, ((0, 0), (0, 1)), constant_values=-1).reshape(labels.shape[0], n, -1).swapaxes(0, 1)
-
-        @jax.checkpoint
-        def block(hb: jax.Array, lb: jax.Array) -> jax.Array:
-            losses = optax.softmax_cross_entropy_with_integer_labels(self.lm_head(hb).astype(jnp.float32), lb)
-            return jnp.sum(jnp.where(lb >= 0, losses, 0.0))
-
-        total = jax.lax.map(lambda a: block(*a), (h, labels))  # label -1: padding, masked out
-        return total.sum() / (ids.shape[0] * (ids.shape[1] - 1))
-
-
-# ---------------------------------------------------------------- variants and steps
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """``frozen``, ``full``, or a method on a forward path at rank ``r`` (``branch``: ``branch_dtype``)."""
-
-    kind: str
-    path: str = "auto"
-    r: int = 16
-    branch: str = "adapter"
-
-    @property
-    def name(self) -> str:
-        if self.kind in ("frozen", "full"):
-            return self.kind
-        return f"{self.kind}:{self.path}:r{self.r}" + ("" if self.branch == "adapter" else f":{self.branch}")
-
-    @classmethod
-    def parse(cls, text: str) -> Variant:
-        """``frozen`` | ``full`` | ``METHOD[:PATH[:rR[:base]]]``."""
-        kind, *rest = text.split(":")
-        if kind not in ("frozen", "full", *METHODS):
-            raise ValueError(f"variant {text!r}: the kind is one of frozen, full, {', '.join(METHODS)}")
-        path = rest[0] if rest else "auto"
-        if path not in PATHS:
-            raise ValueError(f"variant {text!r}: the path is one of {', '.join(PATHS)}")
-        r = int(rest[1].removeprefix("r")) if len(rest) > 1 else 16
-        branch = rest[2] if len(rest) > 2 else "adapter"
-        return cls(kind, path, r, branch)
-
-
-def build(shape: Shape, variant: Variant) -> nnx.Module:
-    """The model (the tuner for an adapter), built abstractly: nothing is allocated."""
-
-    def make() -> nnx.Module:
-        model = Decoder(shape, nnx.Rngs(0))
-        if variant.kind in ("frozen", "full"):
-            return model
-        config_cls, tuner_cls = METHODS[variant.kind]
-        config = config_cls(r=variant.r, alpha=variant.r, target_modules=list(TARGETS))
-        tuner = tuner_cls(model, config, stacks=["layers"], forward_path=variant.path, branch_dtype=variant.branch)
-        tuner.train()
-        return tuner
-
-    return nnx.eval_shape(make)
-
-
-def _decoder(model: nnx.Module) -> Decoder:
-    return model if isinstance(model, Decoder) else model.model
-
-
-def _trained_filter(variant: Variant) -> Any:
-    return {"frozen": nnx.Not(nnx.Variable), "full": nnx.Param}.get(variant.kind, lj.LycorisParam)
-
-
-def steps(model: nnx.Module, variant: Variant, head: bool = True) -> tuple[Any, Any, Any, Any, Any]:
-    """``(train_step, eval_forward, trained, rest, optimizer)``: ``train_step(trained, opt_state, rest, ids)``
-    (Adam on ``trained``; the blocks' input differentiated too) and ``eval_forward(trained, rest, ids)``."""
-    graphdef, trained, rest = nnx.split(model, _trained_filter(variant), ...)
-    tx = optax.adam(1e-5)
-
-    def loss(trained: Any, x: jax.Array, rest: Any, ids: jax.Array) -> jax.Array:
-        return _decoder(nnx.merge(graphdef, trained, rest)).loss(x, ids, head)
-
-    def embed(trained: Any, rest: Any, ids: jax.Array) -> jax.Array:
-        return _decoder(nnx.merge(graphdef, trained, rest)).embed(ids)
-
-    def train_step(trained: Any, opt_state: Any, rest: Any, ids: jax.Array) -> tuple:
-        x = embed(trained, rest, ids)
-        value, (grads, dx) = jax.value_and_grad(loss, argnums=(0, 1))(trained, x, rest, ids)
-        if variant.kind == "frozen":
-            return trained, opt_state, value, dx
-        updates, opt_state = tx.update(grads, opt_state, trained)
-        return optax.apply_updates(trained, updates), opt_state, value, dx.sum()
-
-    def eval_forward(trained: Any, rest: Any, ids: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, trained, rest)
-        model.eval()
-        return _decoder(model).loss(_decoder(model).embed(ids), ids, head)
-
-    return train_step, eval_forward, trained, rest, tx
-
-
-# ---------------------------------------------------------------- compiling deviceless
-def devices(topology: str, mesh: str, attached: bool = False) -> tuple[Mesh, int]:
-    """The mesh of ``mesh`` on ``topology``'s chips, and the chip's HBM; ``attached``: on this machine's
-    own devices instead (a TPU VM: what ``--measure`` runs on)."""
-    from jax.experimental import topologies
-
-    name, hbm = TOPOLOGIES[topology]
-    if attached:
-        chips = jax.devices()
-        hbm = chips[0].memory_stats().get("bytes_limit", hbm) if chips[0].memory_stats() else hbm
-    else:
-        chips = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
-    shape, axes = MESHES[mesh]
-    n = shape[0] * shape[1]
-    return Mesh(__import__("numpy").asarray(chips[:n]).reshape(shape), axes), hbm
-
-
-def _structs(tree: Any, mesh: Mesh) -> Any:
-    """``ShapeDtypeStruct``s of an abstract nnx state, each sharded by its partition metadata (axes
-    that do not divide a dim are dropped)."""
-    specs = nnx.get_partition_spec(tree)
-
-    def struct(value: Any, spec: Any) -> jax.ShapeDtypeStruct:
-        spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
-        parts = []
-        for dim, axis in zip(value.shape, tuple(spec) + (None,) * (value.ndim - len(spec)), strict=False):
-            size = 1 if axis is None else mesh.shape[axis] if isinstance(axis, str) else 0
-            parts.append(axis if size and dim % size == 0 else None)
-        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, PartitionSpec(*parts)))
-
-    return jax.tree.map(struct, tree, specs)
-
-
-def _opt_structs(tx: Any, trained: Any) -> Any:
-    """The optimizer state as structs, sharded as the compiler propagates it from ``trained`` (Adam's
-    moments like their parameters)."""
-    init = jax.jit(tx.init).lower(trained).compile()
-    return jax.tree.map(
-        lambda value, sharding: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding),
-        jax.eval_shape(tx.init, trained),
-        init.output_shardings,
-    )
-
-
-@dataclasses.dataclass
-class Figures:
-    """What one compiled program reports, per chip."""
-
-    seconds: float  # the TPU compiler's estimate, corrected
-    layout_calls: int  # ConcatBitcast custom-calls, each booked at -1 s (added back)
-    kernels: int  # Pallas custom-calls (cost as declared)
-    flops: float
-    bytes: float
-    argument: int
-    output: int
-    temp: int
-    alias: int
-
-    @property
-    def total(self) -> int:
-        return self.argument + self.output + self.temp - self.alias
-
-
-def figures(compiled: Any) -> Figures:
-    """Memory and the corrected cost estimate of ``compiled``."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    text = compiled.as_text()
-    layout = len(re.findall(r'custom_call_target="ConcatBitcast"', text))
-    kernels = len(re.findall(r'custom_call_target="tpu_custom_call"', text))
-    memory = compiled.memory_analysis()
-    return Figures(
-        seconds=float(cost.get("optimal_seconds", float("nan"))) + layout + kernels,
-        layout_calls=layout,
-        kernels=kernels,
-        flops=float(cost.get("flops", 0.0)),
-        bytes=float(cost.get("bytes accessed", 0.0)),
-        argument=memory.argument_size_in_bytes,
-        output=memory.output_size_in_bytes,
-        temp=memory.temp_size_in_bytes,
-        alias=memory.alias_size_in_bytes,
-    )
-
-
-def _lowering(shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int, head: bool) -> tuple:
-    """``(train_step, eval_forward, (trained, opt_state, rest, ids))``: the steps and their argument
-    structs on ``mesh`` (call under ``jax.set_mesh(mesh)``)."""
-    train_step, eval_forward, trained, rest, tx = steps(build(shape, variant), variant, head)
-    t, r = _structs(trained, mesh), _structs(rest, mesh)
-    ids = jax.ShapeDtypeStruct(
-        (batch * mesh.shape["fsdp"], tokens), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("fsdp"))
-    )
-    return train_step, eval_forward, (t, _opt_structs(tx, t), r, ids)
-
-
-def _compile(
-    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int, head: bool, unroll: Any
-) -> tuple[Figures, Figures]:
-    UNROLL[0] = unroll
-    with jax.set_mesh(mesh), lj.compiling_for("tpu"):  # Auto axes: the kernels' partition metadata names them
-        train_step, eval_forward, (t, o, r, ids) = _lowering(shape, variant, mesh, tokens, batch, head)
-        train = jax.jit(train_step, donate_argnums=(0, 1)).lower(t, o, r, ids).compile()
-        forward = jax.jit(eval_forward).lower(t, r, ids).compile()
-    return figures(train), figures(forward)
+from lycoris_jax.tpu import (  # the compiling machinery, shared with `lycoris-jax plan`
+    BF16,
+    GIB,
+    MESHES,
+    METHODS,
+    PATHS,
+    TOPOLOGIES,
+    Figures,
+    Shape,
+    Variant,
+    compile_variant,
+    devices,
+    extrapolated,
+    figures,
+    largest_batch,
+    lowering,
+)
+from lycoris_jax.tpu import PRESETS as MODELS
+
+__all__ = ["Figures", "Shape", "Variant", "compile_variant", "devices", "extrapolated", "figures", "largest_batch"]
 
 
 def measure(
@@ -390,9 +75,8 @@ def measure(
     """Seconds per train step, measured: the scanned program at full depth runs ``rounds`` times on
     ``mesh``'s devices (which must be attached: a TPU VM, or this CPU for a small model) on zero-filled
     weights, after one warm-up step."""
-    UNROLL[0] = 1
     with jax.set_mesh(mesh):
-        train_step, _, structs = _lowering(shape, variant, mesh, tokens, batch, head)
+        train_step, _, structs = lowering(shape, variant, mesh, tokens, batch, head)
         zeros = lambda s: jax.jit(lambda: jnp.zeros(s.shape, s.dtype), out_shardings=s.sharding)()  # noqa: E731
         state, opt_state, params, batch_ids = jax.tree.map(zeros, structs)
         compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(*structs).compile()
@@ -403,94 +87,6 @@ def measure(
             state, opt_state, *out = compiled(state, opt_state, params, batch_ids)
         jax.block_until_ready((state, out))
     return (time.perf_counter() - start) / rounds
-
-
-def _extrapolated(one: Figures, two: Figures, layers: int, memory: Figures) -> Figures:
-    """Time, flops, bytes and layout calls of ``layers`` layers from 1 and 2 unrolled ones (every layer
-    costs the same); memory from the scanned program at full depth."""
-    at = lambda a, b: a + (layers - 1) * (b - a)  # noqa: E731
-    return dataclasses.replace(
-        memory,
-        seconds=at(one.seconds, two.seconds),
-        layout_calls=at(one.layout_calls, two.layout_calls),
-        kernels=at(one.kernels, two.kernels),
-        flops=at(one.flops, two.flops),
-        bytes=at(one.bytes, two.bytes),
-    )
-
-
-def compile_variant(
-    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int = 1, head: bool = True
-) -> tuple[Figures, Figures]:
-    """``(train step, eval forward)`` figures of ``variant``: ``batch`` sequences of ``tokens`` per
-    fsdp group (a tensor-parallel group shares its sequences); ``head``: as :meth:`Decoder.loss`.
-
-    The compiler's cost model counts a loop's body once, so a scanned stack's estimate would be one
-    layer's: memory comes from the scanned program at full depth (as it runs), time, flops and bytes
-    from the same model unrolled at 1 and 2 layers, extrapolated to full depth (at most 2 layers: the
-    unrolled program itself)."""
-    memory = _compile(shape, variant, mesh, tokens, batch, head, 1)
-    if shape.layers <= 2:
-        train, forward = _compile(shape, variant, mesh, tokens, batch, head, True)
-        keep = lambda f, m: dataclasses.replace(  # noqa: E731
-            m, seconds=f.seconds, layout_calls=f.layout_calls, kernels=f.kernels, flops=f.flops, bytes=f.bytes
-        )
-        return keep(train, memory[0]), keep(forward, memory[1])
-    one = _compile(dataclasses.replace(shape, layers=1), variant, mesh, tokens, batch, head, True)
-    two = _compile(dataclasses.replace(shape, layers=2), variant, mesh, tokens, batch, head, True)
-    return tuple(_extrapolated(one[i], two[i], shape.layers, memory[i]) for i in range(2))
-
-
-_NO_FIT = re.compile(r"exceeds available HBM|RESOURCE_EXHAUSTED|Ran out of memory")
-
-
-def train_memory(
-    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, batch: int, head: bool = True
-) -> Figures | None:
-    """The scanned train step's per-chip figures (memory as it runs; its time is one layer's), or
-    ``None`` when the compiler finds it does not fit the chip's HBM."""
-    UNROLL[0] = 1
-    try:
-        with jax.set_mesh(mesh), lj.compiling_for("tpu"):
-            train_step, _, (t, o, r, ids) = _lowering(shape, variant, mesh, tokens, batch, head)
-            return figures(jax.jit(train_step, donate_argnums=(0, 1)).lower(t, o, r, ids).compile())
-    except Exception as error:  # libtpu reports an over-budget program as a compile error
-        if _NO_FIT.search(str(error)):
-            return None
-        raise
-
-
-def largest_batch(
-    shape: Shape, variant: Variant, mesh: Mesh, tokens: int, hbm: int, head: bool = True, cap: int = 64
-) -> tuple[int, Figures | None]:
-    """The most sequences of ``tokens`` per chip whose train step fits, and that step's figures: the
-    memory at 1 and 2 sequences predicts it (temporaries grow linearly with the batch), then the
-    compiler confirms it (the prediction compiles within ``hbm``, one more does not). At most ``cap``."""
-
-    def fit(batch: int) -> Figures | None:  # libtpu may compile a program over HBM without an error
-        fig = train_memory(shape, variant, mesh, tokens, batch, head)
-        return fig if fig is not None and fig.total <= hbm else None
-
-    one = fit(1)
-    if one is None:
-        return 0, None
-    two = fit(2)
-    if two is None:
-        return 1, one
-    fits = {1: one, 2: two}
-    slope = max(two.total - one.total, 1)
-    batch = min(cap, max(2, 1 + int((hbm - one.total) // slope)))
-    while True:  # walk from the prediction to the boundary: usually two compiles
-        if batch not in fits:
-            fits[batch] = fit(batch)
-        if fits[batch] is None:
-            batch -= 1
-            if batch in fits and fits[batch] is not None:
-                return batch, fits[batch]
-        else:
-            if batch == cap or (batch + 1 in fits and fits[batch + 1] is None):
-                return batch, fits[batch]
-            batch += 1
 
 
 def batch_table(

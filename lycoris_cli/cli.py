@@ -1,7 +1,7 @@
 """The ``lycoris-jax`` command (``python -m lycoris_cli``).
 
 Subcommands: ``demo`` (fine-tune and cross-load, the README's main job), ``finetune`` (your
-checkpoint, your text), ``convert`` (PEFT
+checkpoint, your text), ``plan`` (a TPU run's memory and step time, from the TPU compiler), ``convert`` (PEFT
 directory <-> LyCORIS/kohya file), ``check`` (validate an adapter and compare the frameworks on it),
 ``inspect`` (what an adapter holds, as a table or ``--json``). ``--help`` on each.
 
@@ -150,7 +150,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lycoris_cli import demo, finetune
+    from lycoris_cli import demo, finetune, plan
 
     parser = argparse.ArgumentParser(
         prog="lycoris-jax",
@@ -173,6 +173,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     finetune.add_arguments(p)
+    p = commands.add_parser(
+        "plan",
+        help="compile the fine-tuning step for a TPU slice (libtpu, no TPU): memory per chip, step time and the "
+        "largest batch, for frozen, the adapter and full fine-tuning",
+        description=plan.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_arguments(p)
     p = commands.add_parser(
         "convert",
         help="PEFT adapter directory <-> LyCORIS/kohya single .safetensors file",
@@ -209,12 +217,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lycoris_cli import demo, finetune
+    from lycoris_cli import demo, finetune, plan
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo.run, "finetune": finetune.run, "convert": _convert, "check": _check, "inspect": _inspect}
+    commands = {
+        "demo": demo.run,
+        "finetune": finetune.run,
+        "plan": plan.run,
+        "convert": _convert,
+        "check": _check,
+        "inspect": _inspect,
+    }
     run = commands[args.command]
-    unusable = (ValueError, OSError) if args.command in ("demo", "finetune") else (ValueError, TypeError, OSError)
+    unusable = (
+        (ValueError, OSError) if args.command in ("demo", "finetune", "plan") else (ValueError, TypeError, OSError)
+    )
     try:
         code = run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit

@@ -241,3 +241,13 @@ def test_resume_refuses_a_changed_run(files, reference, capsys):
     argv = ["finetune", "--model", str(files / "model"), "--data", str(files / "data.txt"), *COMMON, "--out", str(out)]
     assert cli.main([*argv, "--rank", "4", "--resume", "--steps", "9"]) == 2
     assert "--resume: the checkpoint at step 6 was made with rank=8, this command has 4" in capsys.readouterr().err
+
+
+def test_errors_catalogue_matches_the_docs():
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md").read_text()
+    section = docs.split("\n## `finetune` and `plan`\n", 1)[1].split("\n## ", 1)[0]
+    ids = re.findall(r"^\| `finetune-([a-z0-9-]+)` \|", section, flags=re.M)
+    assert sorted(ids) == sorted(ERRORS)

@@ -71,7 +71,7 @@ def test_a_scanned_stack_is_timed_from_one_and_two_unrolled_layers():
     def fig(seconds: float, flops: float, temp: int) -> tpu_aot.Figures:
         return tpu_aot.Figures(seconds, 2, 0, flops, 10 * flops, 100, 10, temp, 0)
 
-    full = tpu_aot._extrapolated(fig(0.010, 5.0, 1), fig(0.016, 8.0, 2), 32, fig(0.007, 3.0, 999))
+    full = tpu_aot.extrapolated(fig(0.010, 5.0, 1), fig(0.016, 8.0, 2), 32, fig(0.007, 3.0, 999))
     assert full.seconds == pytest.approx(0.010 + 31 * 0.006)
     assert full.flops == pytest.approx(5.0 + 31 * 3.0) and full.bytes == pytest.approx(10 * full.flops)
     assert full.temp == 999 and full.layout_calls == 2  # memory as the scanned program has it
