@@ -9,6 +9,7 @@ topology, in one run.
     python benchmarks/tpu_aot.py                   # the targets' grid: Llama-3-8B shape, 4096 tokens/chip, r=16
     python benchmarks/tpu_aot.py --grid full       # every topology, mesh, model, token count, variant and rank
     python benchmarks/tpu_aot.py --model llama3-8b --layers 2 --topology v5e --mesh 1 --variants frozen,lokr:factored
+    python benchmarks/tpu_aot.py --largest-batch --model llama3-8b --topology v5e --mesh fsdp --tokens 8192
 
 Each step is one Adam step on the trained variables (none for ``frozen``) of a decoder at full depth
 (``--layers`` cuts it; one chip holds two of the 8B model's blocks): layers stacked with ``nnx.vmap``,
