@@ -9,26 +9,46 @@ adds one second back per such call. A Pallas kernel (``tpu_custom_call``) is cos
 
 Your own model and step (an NNX model here; any jittable step works)::
 
+    import jax
+    import jax.numpy as jnp
     import optax
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
     import lycoris_jax as lj
     from lycoris_jax import tpu
 
-    mesh, hbm = tpu.devices("v5e:2x4", "fsdp")          # 8 chips, mesh axes ("fsdp", "tp"), HBM per chip
-    model = nnx.eval_shape(lambda: lj.LoKrModel(MyModel(nnx.Rngs(0)), lj.LoKrConfig(r=16, target_modules=...)))
+    mesh, hbm = tpu.devices("v5e:2x2", "fsdp")  # 4 chips, mesh axes ("fsdp", "tp"); HBM per chip
+
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            init = nnx.initializers.lecun_normal()
+            self.up = nnx.Linear(1024, 4096, kernel_init=nnx.with_partitioning(init, ("fsdp", "tp")), rngs=rngs)
+            self.down = nnx.Linear(4096, 1024, kernel_init=nnx.with_partitioning(init, ("tp", "fsdp")), rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(nnx.relu(self.up(x)))
+
+
+    config = lj.LoKrConfig(r=16, target_modules=["up", "down"])
+    with jax.set_mesh(mesh):  # abstract: nothing is allocated
+        model = nnx.eval_shape(lambda: lj.LoKrModel(MLP(nnx.Rngs(0)), config))
     graphdef, trained, rest = nnx.split(model, lj.LycorisParam, ...)
     tx = optax.adam(1e-4)
 
-    def step(trained, opt_state, rest, batch):          # what your trainer jits
-        grads = jax.grad(lambda t: loss(nnx.merge(graphdef, t, rest), batch))(trained)
+
+    def step(trained, opt_state, rest, x):  # what your trainer jits
+        grads = jax.grad(lambda t: jnp.mean(nnx.merge(graphdef, t, rest)(x) ** 2))(trained)
         updates, opt_state = tx.update(grads, opt_state, trained)
         return optax.apply_updates(trained, updates), opt_state
 
-    t = tpu.abstract(trained, mesh)                     # structs sharded by the params' partition metadata
-    batch = jax.ShapeDtypeStruct((64, 2048), jnp.int32, sharding=NamedSharding(mesh, P("fsdp")))
-    fig = tpu.compile_step(step, t, tpu.optimizer_state(tx, t, mesh), tpu.abstract(rest, mesh), batch,
-                           mesh=mesh, donate_argnums=(0, 1))
-    print(fig.total / 2**30, "GiB per chip of", hbm / 2**30, "; step", fig.seconds, "s (TPU compiler estimate)")
+
+    t = tpu.abstract(trained, mesh)  # structs sharded by the params' partition metadata
+    x = jax.ShapeDtypeStruct((4 * 2048, 1024), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp")))
+    args = (t, tpu.optimizer_state(tx, t, mesh), tpu.abstract(rest, mesh), x)
+    fig = tpu.compile_step(step, *args, mesh=mesh, donate_argnums=(0, 1), hbm=hbm)
+    print(f"{fig.total / 2**20:.1f} MiB per chip; step {fig.seconds * 1e6:.0f} us (TPU compiler estimate)")
 
 ``compile_step`` returns ``None`` when the compiler finds the program does not fit the chip's HBM.
 A scanned stack's estimate counts the loop body once: compile 1 and 2 layers unrolled and

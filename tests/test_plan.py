@@ -128,3 +128,18 @@ def test_errors_catalogue_matches_the_docs():
     section = docs.split("\n## `finetune` and `plan`\n", 1)[1].split("\n## ", 1)[0]
     ids = re.findall(r"^\| `plan-([a-z0-9-]+)` \|", section, flags=re.M)
     assert sorted(ids) == sorted(CASES)
+
+
+@needs_libtpu
+def test_the_tpu_module_docstring_plans_a_users_own_model(capsys):
+    import textwrap
+
+    from lycoris_jax import tpu
+
+    doc = tpu.__doc__.split("Your own model and step (an NNX model here; any jittable step works)::\n", 1)[1]
+    code = textwrap.dedent(doc.split("\n``compile_step`` returns", 1)[0])
+    scope = {"__name__": "tpu_docstring"}
+    exec(compile(code, "lycoris_jax.tpu docstring", "exec"), scope)
+    fig = scope["fig"]
+    assert fig is not None and fig.total > 0 and fig.seconds > 0 and fig.argument > 0
+    assert "MiB per chip; step" in capsys.readouterr().out
