@@ -333,7 +333,7 @@ def _table(result: dict, name: str) -> str:
         )
     adapter = rows[1]
     verdict = (
-        f"fits: {adapter['variant']} at batch {result['batch']} uses {adapter['total'] / GIB:.2f} of {hbm / GIB:.0f} GiB per chip"
+        f"fits: {adapter['variant']} at batch {result['batch']} uses {_size(adapter['total'])} of {hbm / GIB:.0f} GiB per chip"
         if adapter["fits"]
         else f"does not fit: {adapter['variant']} at batch {result['batch']} needs more than {hbm / GIB:.0f} GiB per chip"
         + (f"; batch {adapter['largest_batch']} should" if adapter["largest_batch"] else "")
