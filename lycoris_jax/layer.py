@@ -188,6 +188,7 @@ class LycorisLayer(LayerBookkeeping, nnx.Module):
         self._scales = nnx.data(scales)
 
     def get_base_layer(self) -> nnx.Module:
+        """The wrapped layer (the one the adapters attach to), as PEFT's ``get_base_layer``."""
         base = self.base_layer
         while isinstance(base, LycorisLayer):
             base = base.base_layer
@@ -277,6 +278,7 @@ class LycorisLayer(LayerBookkeeping, nnx.Module):
         self._active_adapter = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Turn every adapter of this layer on or off (off: the base layer's output alone)."""
         self._disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:

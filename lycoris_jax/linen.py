@@ -85,6 +85,7 @@ class LycorisModule(nn.Module):
     forward_path: str = "auto"
 
     def setup(self) -> None:
+        """Flax's lifecycle hook: shares the wrapped module's scope, so the model's params keep their paths."""
         nn.share_scope(self, self.module)  # the model's params keep their paths
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -361,6 +361,7 @@ class LycorisTuner(TunerBookkeeping, nnx.Module):
         )
 
     def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: trainable parameters, all parameters and the trainable percentage."""
         trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

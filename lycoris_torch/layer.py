@@ -120,6 +120,7 @@ class LycorisLayer(LayerBookkeeping, nn.Module):
         return set(self.factors)
 
     def get_base_layer(self) -> nn.Module:
+        """The wrapped layer (the one the adapters attach to), as PEFT's ``get_base_layer``."""
         base = self.base_layer
         while isinstance(base, LycorisLayer):
             base = base.base_layer
@@ -208,6 +209,7 @@ class LycorisLayer(LayerBookkeeping, nn.Module):
         self._active_adapter = names
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Turn every adapter of this layer on or off (off: the base layer's output alone)."""
         if enabled:
             self.set_adapter(self.active_adapters)
             self._disable_adapters = False
@@ -363,6 +365,7 @@ class LycorisLayer(LayerBookkeeping, nn.Module):
         return y if rows is None else (y * rows.view(-1, *[1] * (y.dim() - 2))).to(y.dtype)
 
     def extra_repr(self) -> str:
+        """The method, its adapters and their ranks, for ``repr``."""
         return f"adapters={sorted(self.plans)}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 

@@ -42,6 +42,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.train(original_module.training)
 
     def update(self, adapter_name: str) -> None:
+        """Hold a trainable copy of the original module for ``adapter_name`` (PEFT's ``modules_to_save``)."""
         put_module(self.modules_to_save, adapter_name, copy.deepcopy(self.original_module))
         self.modules_to_save[adapter_name].requires_grad_(True)
         if self.active_adapter is None:
@@ -53,6 +54,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter = names[0] if names else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The active adapter's copy of the module, or the original one when disabled or none is active."""
         if self.disabled or self.active_adapter is None:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
@@ -107,6 +109,7 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
         self._add(adapter_name, config, state_dict, plans)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, with its adapter layers in place."""
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -308,6 +311,7 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
                 copy_.requires_grad_(trainable(name))
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from every layer and every ``modules_to_save`` wrapper."""
         super().delete_adapter(adapter_name)
         for module in self.model.modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -358,10 +362,12 @@ class LycorisTuner(TunerBookkeeping, nn.Module):
 
     # ------------------------------------------------------------------ reporting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts of the model, as PEFT's."""
         params = list(self.model.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: trainable parameters, all parameters and the trainable percentage."""
         trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
