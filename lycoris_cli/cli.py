@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         help="PEFT adapter directory <-> LyCORIS/kohya single .safetensors file",
         description="Convert a PEFT LoHa/LoKr directory to a LyCORIS/kohya file (SOURCE a directory), or a "
         "LyCORIS file to a PEFT directory (SOURCE a file; needs --model). Both compute what the source computes; "
-        "see README, 'LyCORIS and kohya files'. An existing destination is replaced only with --force; factors with NaN or "
+        "see docs/guide/tour.md, 'LyCORIS and kohya files'. An existing destination is replaced only with --force; factors with NaN or "
         "inf are refused.",
     )
     p.add_argument("source", help="a PEFT adapter directory, or a LyCORIS .safetensors file")

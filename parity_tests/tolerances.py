@@ -61,7 +61,7 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {}
 # every forward path shares its dtype's rows; k is the smallest the full matrix allowed (random-normal
 # and arange inputs, two thread settings), the floor a whole number of units in the last place (ulp:
 # 2^-23 fp32, 2^-7 bf16, 2^-10 fp16) at least 1.4x the largest measured excess over k x PEFT's, room
-# for another machine's summation order. README's parity section lists the numbers.
+# for another machine's summation order. docs/guide/tour.md's parity section lists the numbers.
 _DELTA = Tolerance(
     1.0,
     2**-22,

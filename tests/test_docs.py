@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-GUIDE = sorted((DOCS / "guide").glob("*.md"))
+GUIDE = sorted(p for p in (DOCS / "guide").glob("*.md") if p.stem != "tour")  # tour.md: tests/test_tour.py
 #: the modules the API reference pages render (docs/api/*.md)
 REFERENCE = (
     "lycoris_jax",
@@ -76,3 +76,15 @@ def test_every_public_name_in_the_reference_has_a_docstring(name):
                 if not (member.__doc__ or "").strip():
                     missing.append(f"{attr}.{meth}")
     assert not missing, f"{name}: public names without a docstring: {missing}"
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    readme = (DOCS.parent / "README.md").read_text()
+    section = readme.split("## A first example\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(code.strip().splitlines()) <= 25  # the front page's one short example
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "README.md example", "exec"), {"__name__": "readme_example"})
+    assert (tmp_path / "llama_adapter" / "adapter_config.json").is_file()

@@ -160,7 +160,7 @@ def test_sharded_factors_save_for_peft(tmp_path):
 
 
 def test_pytree_adapter_sharded_then_gathered_and_saved_as_the_readme_says(tmp_path):
-    """README's multi-host recipe (``process_allgather``, then save from process 0) on factors
+    """The multi-host recipe (docs/guide/tour.md) (``process_allgather``, then save from process 0) on factors
     sharded over 8 devices; the files equal those of the unsharded adapter."""
     from jax.experimental import multihost_utils
 

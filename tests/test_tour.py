@@ -1,5 +1,6 @@
-"""README.md's "Use" section runs as written: every ``python`` block in order, in one directory, then
-the ``bash`` parity check on what they saved."""
+"""docs/guide/tour.md (the API tour, once README's sections) runs as written: the "Use" section's
+``python`` blocks in order, in one directory, then the ``bash`` parity check on what they saved; the
+LyCORIS section's blocks each on its own; the ``--quick`` claim matches ``parity_tests --help``."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import pytest
 
 from parity_tests.__main__ import main as parity_main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TOUR = Path(__file__).resolve().parents[1] / "docs" / "guide" / "tour.md"
 
 
 def blocks(language: str, section: str = "Use") -> list[str]:
-    use = README.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    use = TOUR.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(rf"```{language}\n(.*?)```", use, flags=re.S)
 
 
@@ -28,9 +29,9 @@ def test_the_use_section_runs_as_written(tmp_path, monkeypatch, capsys):
         warnings.simplefilter("ignore")  # transformers' deprecation notices for its Flax classes
         for i, code in enumerate(python):
             try:
-                exec(compile(code, f"README.md python block {i + 1}", "exec"), {"__name__": f"readme_{i}"})
+                exec(compile(code, f"tour.md python block {i + 1}", "exec"), {"__name__": f"readme_{i}"})
             except Exception as err:  # pragma: no cover - the message says which block
-                pytest.fail(f"README python block {i + 1} failed: {type(err).__name__}: {err}")
+                pytest.fail(f"tour.md python block {i + 1} failed: {type(err).__name__}: {err}")
     for command in blocks("bash"):
         args = shlex.split(command.strip())
         assert args[:4] == ["python", "-m", "parity_tests", "check"]
@@ -47,7 +48,7 @@ def test_the_lycoris_files_section_runs_as_written(tmp_path, monkeypatch, capsys
         warnings.simplefilter("ignore")
         for i, code in enumerate(blocks("python", "LyCORIS and kohya files")):
             scopes.append({"__name__": f"readme_lycoris_{i}"})  # each block on its own, as a user pastes it
-            exec(compile(code, f"README.md LyCORIS block {i + 1}", "exec"), scopes[-1])
+            exec(compile(code, f"tour.md LyCORIS block {i + 1}", "exec"), scopes[-1])
     assert next(scope["error"] for scope in scopes if "error" in scope) < 1e-5
     for line in blocks("bash", "LyCORIS and kohya files")[0].strip().splitlines():
         args = shlex.split(line)
@@ -60,7 +61,7 @@ def test_the_lycoris_files_section_runs_as_written(tmp_path, monkeypatch, capsys
 def test_the_quick_parity_run_is_described_alike_in_readme_and_help(capsys):
     from parity_tests.cases import QUICK
 
-    readme = " ".join(README.read_text().split())
+    readme = " ".join(TOUR.read_text().split())
     with pytest.raises(SystemExit):
         parity_main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
