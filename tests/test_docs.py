@@ -88,3 +88,26 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         exec(compile(code, "README.md example", "exec"), {"__name__": "readme_example"})
     assert (tmp_path / "llama_adapter" / "adapter_config.json").is_file()
+
+
+def test_every_command_in_the_guide_is_one_the_cli_takes():
+    """Shell blocks name placeholder paths (``my-llama``), so they are parsed, not run: every
+    ``lycoris-jax`` line must be a subcommand with flags its parser accepts (the commands themselves
+    run in tests/test_finetune.py, tests/test_plan.py and tests/test_cli.py)."""
+    import shlex
+
+    from lycoris_cli.cli import _parser
+
+    commands = [
+        line.split("#")[0].strip()
+        for page in sorted((DOCS / "guide").glob("*.md"))
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
+        for line in block.splitlines()
+        if line.strip().startswith("lycoris-jax ")
+    ]
+    assert len(commands) >= 8
+    for command in commands:
+        try:
+            _parser().parse_args(shlex.split(command)[1:])
+        except SystemExit:  # pragma: no cover - argparse printed why
+            pytest.fail(f"the guide's command does not parse: {command}")
