@@ -1,0 +1,80 @@
+"""Start N local JAX processes (one per simulated host, loopback only), as a TPU pod's hosts run,
+and collect what each reports.
+
+Each process runs ``python -m tests.multihost.worker SCENARIO PROCESS_ID N PORT OUT`` with
+``--xla_force_host_platform_device_count`` devices of its own, gloo collectives and a coordinator on
+``127.0.0.1:PORT``, and prints one ``RESULT {json}`` line. The harness bounds the run in time and
+kills every process when one fails or the time is up, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class HostsFailed(RuntimeError):
+    """A process exited non-zero, printed no result, or the run passed its time limit."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_hosts(scenario: str, processes: int, devices: int, out: Path, timeout: float = 240.0) -> list[dict]:
+    """Run ``scenario`` on ``processes`` processes of ``devices`` CPU devices each; their results in
+    process order. ``HostsFailed`` (with each process's output tail) on any failure or on timeout."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.multihost.worker", scenario, str(i), str(processes), str(port), str(out)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for i in range(processes)
+    ]
+    deadline, outputs = time.monotonic() + timeout, [None] * processes
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise HostsFailed(f"{scenario}: not done after {timeout:.0f} s")
+            if any(p.poll() not in (None, 0) for p in procs):  # one failed: the others would wait on it
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for i, p in enumerate(procs):
+            outputs[i] = p.communicate()[0]
+    results = []
+    for i, (p, text) in enumerate(zip(procs, outputs, strict=True)):
+        lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            tails = "\n".join(
+                f"--- process {j} (exit {q.returncode}):\n{o[-3000:]}"
+                for j, (q, o) in enumerate(zip(procs, outputs, strict=True))
+            )
+            raise HostsFailed(f"{scenario}: process {i} failed\n{tails}")
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+    return results

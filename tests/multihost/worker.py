@@ -1,0 +1,97 @@
+"""One simulated host of a multi-process run (``tests/multihost/harness.py`` starts it).
+
+Scenario ``pytree-fsdp``: a two-layer MLP's params (kernels sharded over every device of every
+process, FSDP), a LoKr adapter through ``lycoris_jax.pytree``, three jitted Adam steps on batches
+each process holds only its part of (``jax.make_array_from_process_local_data``); the factors are
+gathered (``process_allgather``) and process 0 alone saves PEFT's files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _mlp_params(np):  # the same weights on every process
+    rng = np.random.default_rng(0)
+    return {
+        "up": {"kernel": rng.normal(size=(16, 64)).astype(np.float32) / 4, "bias": np.zeros(64, np.float32)},
+        "down": {"kernel": rng.normal(size=(64, 8)).astype(np.float32) / 8, "bias": np.zeros(8, np.float32)},
+    }
+
+
+def pytree_fsdp(out: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import lycoris_jax as lj
+    from lycoris_jax import pytree
+
+    mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
+    n = mesh.devices.size
+    host = _mlp_params(np)
+    specs = {"up": {"kernel": P(None, "fsdp"), "bias": P()}, "down": {"kernel": P("fsdp", None), "bias": P()}}
+    params = jax.tree.map(
+        lambda a, s: jax.make_array_from_callback(a.shape, NamedSharding(mesh, s), lambda i: a[i]), host, specs
+    )
+    config = lj.LoKrConfig(r=4, target_modules=["up", "down"], init_weights=False)
+    adapter = pytree.init(params, config, key=jax.random.key(0))
+    adapter = jax.device_put(adapter, NamedSharding(mesh, P()))
+
+    def forward(p, x):
+        return jnp.tanh(x @ p["up"]["kernel"] + p["up"]["bias"]) @ p["down"]["kernel"] + p["down"]["bias"]
+
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(adapter, state, params, x, y):  # params an argument: a global array is never closed over
+        loss, grads = jax.value_and_grad(lambda a: jnp.mean((forward(pytree.merge(params, a), x) - y) ** 2))(adapter)
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(adapter, updates), state, loss
+
+    rows = 4 * n  # the global batch; each process holds the rows of its own devices
+    data = np.random.default_rng(1)
+    state, losses = tx.init(adapter), []
+    for _ in range(3):
+        x_all = data.normal(size=(rows, 16)).astype(np.float32)
+        y_all = np.sin(x_all[:, :8])
+        sharding = NamedSharding(mesh, P("fsdp"))
+        per = rows // jax.process_count()
+        mine = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+        x = jax.make_array_from_process_local_data(sharding, x_all[mine])
+        y = jax.make_array_from_process_local_data(sharding, y_all[mine])
+        adapter, state, loss = step(adapter, state, params, x, y)
+        losses.append(float(loss))
+    whole = multihost_utils.process_allgather(adapter, tiled=True)
+    if jax.process_index() == 0:
+        pytree.save_pretrained(whole, out)
+    multihost_utils.sync_global_devices("saved")
+    return {"losses": losses, "process": jax.process_index(), "devices": n}
+
+
+SCENARIOS = {"pytree-fsdp": pytree_fsdp}
+
+
+def main(argv: list[str]) -> None:
+    scenario, process, processes, port, out = argv
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if int(processes) > 1:
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{port}",
+            num_processes=int(processes),
+            process_id=int(process),
+            initialization_timeout=60,
+        )
+    result = SCENARIOS[scenario](out)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,32 @@
+"""Multi-host, run for real: several JAX processes on this machine (gloo collectives on loopback),
+each with its own simulated devices, train one sharded adapter as a TPU pod's hosts do, and save
+it from process 0 (``tests/multihost``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.multihost.harness import HostsFailed, run_hosts
+
+
+def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_process_0(tmp_path):
+    from safetensors.numpy import load_file
+
+    two = run_hosts("pytree-fsdp", processes=2, devices=4, out=tmp_path / "two")
+    one = run_hosts("pytree-fsdp", processes=1, devices=8, out=tmp_path / "one")
+    assert [r["devices"] for r in two] == [8, 8] and [r["process"] for r in two] == [0, 1]
+    np.testing.assert_allclose(two[0]["losses"], one[0]["losses"], rtol=1e-6)
+    np.testing.assert_allclose(two[1]["losses"], one[0]["losses"], rtol=1e-6)
+    a, b = (
+        load_file(tmp_path / "two" / "adapter_model.safetensors"),
+        load_file(tmp_path / "one" / "adapter_model.safetensors"),
+    )
+    assert sorted(a) == sorted(b) and len(a) == 4
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_failing_process_stops_the_run_with_its_output():
+    with pytest.raises(HostsFailed, match="process"):
+        run_hosts("no-such-scenario", processes=2, devices=2, out="unused", timeout=120)
