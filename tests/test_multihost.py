@@ -10,11 +10,12 @@ import pytest
 from tests.multihost.harness import HostsFailed, run_hosts
 
 
-def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_process_0(tmp_path):
+@pytest.mark.parametrize("scenario", ["pytree-fsdp", "pytree-fsdp-tp"])
+def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_process_0(scenario, tmp_path):
     from safetensors.numpy import load_file
 
-    two = run_hosts("pytree-fsdp", processes=2, devices=4, out=tmp_path / "two")
-    one = run_hosts("pytree-fsdp", processes=1, devices=8, out=tmp_path / "one")
+    two = run_hosts(scenario, processes=2, devices=4, out=tmp_path / "two")
+    one = run_hosts(scenario, processes=1, devices=8, out=tmp_path / "one")
     assert [r["devices"] for r in two] == [8, 8] and [r["process"] for r in two] == [0, 1]
     np.testing.assert_allclose(two[0]["losses"], one[0]["losses"], rtol=1e-6)
     np.testing.assert_allclose(two[1]["losses"], one[0]["losses"], rtol=1e-6)

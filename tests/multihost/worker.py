@@ -1,7 +1,7 @@
 """One simulated host of a multi-process run (``tests/multihost/harness.py`` starts it).
 
-Scenario ``pytree-fsdp``: a two-layer MLP's params (kernels sharded over every device of every
-process, FSDP), a LoKr adapter through ``lycoris_jax.pytree``, three jitted Adam steps on batches
+Scenarios ``pytree-fsdp`` and ``pytree-fsdp-tp``: a two-layer MLP's params (kernels sharded over every
+device of every process: FSDP, or FSDP x tensor-parallel 2), a LoKr adapter through ``lycoris_jax.pytree``, three jitted Adam steps on batches
 each process holds only its part of (``jax.make_array_from_process_local_data``); the factors are
 gathered (``process_allgather``) and process 0 alone saves PEFT's files.
 """
@@ -20,7 +20,7 @@ def _mlp_params(np):  # the same weights on every process
     }
 
 
-def pytree_fsdp(out: str) -> dict:
+def pytree_fsdp(out: str, tp: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -32,10 +32,12 @@ def pytree_fsdp(out: str) -> dict:
     import lycoris_jax as lj
     from lycoris_jax import pytree
 
-    mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
+    devices = np.asarray(jax.devices())
+    mesh = Mesh(devices.reshape(devices.size // tp, tp), ("fsdp", "tp"))
     n = mesh.devices.size
     host = _mlp_params(np)
-    specs = {"up": {"kernel": P(None, "fsdp"), "bias": P()}, "down": {"kernel": P("fsdp", None), "bias": P()}}
+    # FSDP: one dim of each kernel over "fsdp"; tensor-parallel (Megatron): up's columns, down's rows on "tp"
+    specs = {"up": {"kernel": P("fsdp", "tp"), "bias": P()}, "down": {"kernel": P("tp", "fsdp"), "bias": P()}}
     params = jax.tree.map(
         lambda a, s: jax.make_array_from_callback(a.shape, NamedSharding(mesh, s), lambda i: a[i]), host, specs
     )
@@ -54,7 +56,7 @@ def pytree_fsdp(out: str) -> dict:
         updates, state = tx.update(grads, state)
         return optax.apply_updates(adapter, updates), state, loss
 
-    rows = 4 * n  # the global batch; each process holds the rows of its own devices
+    rows = 4 * n  # the global batch over "fsdp"; each process holds the rows of its own devices
     data = np.random.default_rng(1)
     state, losses = tx.init(adapter), []
     for _ in range(3):
@@ -74,7 +76,7 @@ def pytree_fsdp(out: str) -> dict:
     return {"losses": losses, "process": jax.process_index(), "devices": n}
 
 
-SCENARIOS = {"pytree-fsdp": pytree_fsdp}
+SCENARIOS = {"pytree-fsdp": pytree_fsdp, "pytree-fsdp-tp": lambda out: pytree_fsdp(out, tp=2)}
 
 
 def main(argv: list[str]) -> None:
