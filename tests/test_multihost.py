@@ -31,3 +31,33 @@ def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_proce
 def test_a_failing_process_stops_the_run_with_its_output():
     with pytest.raises(HostsFailed, match="process"):
         run_hosts("no-such-scenario", processes=2, devices=2, out="unused", timeout=120)
+
+
+def test_transformers_llama_through_the_linen_transform_on_two_processes_loads_in_peft(tmp_path):
+    import warnings
+
+    import jax
+    import peft
+    import torch
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    from lycoris_jax import linen
+    from tests.multihost.worker import LLAMA
+
+    two = run_hosts("linen-llama", processes=2, devices=4, out=tmp_path / "two")
+    one = run_hosts("linen-llama", processes=1, devices=8, out=tmp_path / "one")
+    np.testing.assert_allclose(two[0]["losses"], one[0]["losses"], rtol=1e-5)
+    assert two[0]["losses"][-1] < two[0]["losses"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flax_model = FlaxLlamaForCausalLM(LlamaConfig(**LLAMA), seed=0)
+        torch_model = load_flax_weights_in_pytorch_model(LlamaForCausalLM(LlamaConfig(**LLAMA)), flax_model.params)
+    ids = np.arange(12)[None] % LLAMA["vocab_size"]
+    adapted, lycoris = linen.from_pretrained(tmp_path / "two", flax_model.module, flax_model.params)
+    positions = np.arange(12)[None]
+    ours = adapted.apply({"params": flax_model.params, "lycoris": lycoris}, ids, np.ones_like(ids), positions).logits
+    theirs = peft.PeftModel.from_pretrained(torch_model.eval(), tmp_path / "two")
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jax.device_get(ours)), expected, atol=1e-4)

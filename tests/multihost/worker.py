@@ -76,7 +76,77 @@ def pytree_fsdp(out: str, tp: int = 1) -> dict:
     return {"losses": losses, "process": jax.process_index(), "devices": n}
 
 
-SCENARIOS = {"pytree-fsdp": pytree_fsdp, "pytree-fsdp-tp": lambda out: pytree_fsdp(out, tp=2)}
+LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def linen_llama(out: str) -> dict:
+    """transformers' Flax Llama through the Linen transform: its weights FSDP-sharded where a dim
+    divides the devices, a LoHa adapter on q/v/down, three jitted steps on process-local sequences."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import lycoris_jax as lj
+    from lycoris_jax import linen
+
+    warnings.simplefilter("ignore")
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    model = FlaxLlamaForCausalLM(LlamaConfig(**LLAMA), seed=0)  # the same weights on every process
+    host = jax.tree.map(np.asarray, model.params)
+    mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
+    n = mesh.devices.size
+
+    def place(a):
+        spec = P("fsdp") if a.ndim == 2 and a.shape[0] % n == 0 else P()
+        return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda i: a[i])
+
+    params = jax.tree.map(place, host)
+    cfg = lj.LoHaConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
+    adapted, lycoris = linen.adapt(model.module, host, cfg, key=jax.random.key(0))
+    lycoris = jax.device_put(lycoris, NamedSharding(mesh, P()))
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(lycoris, state, params, ids):
+        def loss(lyc):
+            t = ids.shape[1] - 1
+            positions = jnp.broadcast_to(jnp.arange(t), (ids.shape[0], t))
+            logits = adapted.apply(
+                {"params": params, "lycoris": lyc}, ids[:, :-1], jnp.ones_like(positions), positions
+            ).logits
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+        value, grads = jax.value_and_grad(loss)(lycoris)
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(lycoris, updates), state, value
+
+    data, state, losses = np.random.default_rng(1), tx.init(lycoris), []
+    per = n // jax.process_count()
+    for _ in range(3):
+        ids_all = data.integers(0, LLAMA["vocab_size"], size=(n, 17)).astype(np.int32)
+        mine = ids_all[jax.process_index() * per : (jax.process_index() + 1) * per]
+        ids = jax.make_array_from_process_local_data(NamedSharding(mesh, P("fsdp")), mine)
+        lycoris, state, value = step(lycoris, state, params, ids)
+        losses.append(float(value))
+    whole = multihost_utils.process_allgather(lycoris, tiled=True)
+    if jax.process_index() == 0:
+        linen.save_pretrained(adapted, whole, out)
+    multihost_utils.sync_global_devices("saved")
+    return {"losses": losses, "process": jax.process_index(), "devices": n}
+
+
+SCENARIOS = {
+    "pytree-fsdp": pytree_fsdp,
+    "pytree-fsdp-tp": lambda out: pytree_fsdp(out, tp=2),
+    "linen-llama": linen_llama,
+}
 
 
 def main(argv: list[str]) -> None:
