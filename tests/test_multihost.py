@@ -61,3 +61,12 @@ def test_transformers_llama_through_the_linen_transform_on_two_processes_loads_i
     with torch.no_grad():
         expected = theirs(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(jax.device_get(ours)), expected, atol=1e-4)
+
+
+def test_a_process_that_dies_mid_run_stops_the_others_with_an_error_in_bounded_time(tmp_path):
+    ended = run_hosts("dies", processes=2, devices=2, out=tmp_path, timeout=120, wait_all=True)
+    assert ended[1]["exit"] == 3  # the one that died
+    survivor = ended[0]
+    assert survivor["exit"] != 0, survivor["output"]  # it did not carry on, nor finish as if nothing happened
+    assert survivor["seconds"] < 90, survivor["seconds"]  # and it did not hang: the heartbeat timeout is 10 s
+    assert "stopped sending heartbeats" in survivor["output"]  # JAX's coordination service says why

@@ -31,9 +31,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_hosts(scenario: str, processes: int, devices: int, out: Path, timeout: float = 240.0) -> list[dict]:
+def run_hosts(
+    scenario: str, processes: int, devices: int, out: Path, timeout: float = 240.0, wait_all: bool = False
+) -> list[dict]:
     """Run ``scenario`` on ``processes`` processes of ``devices`` CPU devices each; their results in
-    process order. ``HostsFailed`` (with each process's output tail) on any failure or on timeout."""
+    process order. ``HostsFailed`` (with each process's output tail) on any failure or on timeout.
+    ``wait_all``: when one fails, let the others end by themselves (within ``timeout``) and return
+    ``{"exit": code, "seconds": s, "output": text}`` per process instead of raising."""
     port = free_port()
     env = {
         **os.environ,
@@ -53,12 +57,16 @@ def run_hosts(scenario: str, processes: int, devices: int, out: Path, timeout: f
         )
         for i in range(processes)
     ]
-    deadline, outputs = time.monotonic() + timeout, [None] * processes
+    start = time.monotonic()
+    deadline, outputs, ended = start + timeout, [None] * processes, [None] * processes
     try:
         while any(p.poll() is None for p in procs):
+            for i, p in enumerate(procs):
+                if p.poll() is not None and ended[i] is None:
+                    ended[i] = time.monotonic() - start
             if time.monotonic() > deadline:
                 raise HostsFailed(f"{scenario}: not done after {timeout:.0f} s")
-            if any(p.poll() not in (None, 0) for p in procs):  # one failed: the others would wait on it
+            if not wait_all and any(p.poll() not in (None, 0) for p in procs):  # the others would wait on it
                 break
             time.sleep(0.2)
     finally:
@@ -67,6 +75,9 @@ def run_hosts(scenario: str, processes: int, devices: int, out: Path, timeout: f
                 os.killpg(p.pid, signal.SIGKILL)
         for i, p in enumerate(procs):
             outputs[i] = p.communicate()[0]
+            ended[i] = ended[i] if ended[i] is not None else time.monotonic() - start
+    if wait_all:
+        return [{"exit": p.returncode, "seconds": ended[i], "output": outputs[i]} for i, p in enumerate(procs)]
     results = []
     for i, (p, text) in enumerate(zip(procs, outputs, strict=True)):
         lines = [line for line in text.splitlines() if line.startswith("RESULT ")]

@@ -142,10 +142,31 @@ def linen_llama(out: str) -> dict:
     return {"losses": losses, "process": jax.process_index(), "devices": n}
 
 
+def dies(out: str) -> dict:
+    """Process 1 dies after the first step (as a host that loses power); the others must stop with
+    an error, not wait for it forever."""
+    import os
+
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
+    total = jax.jit(lambda x: x.sum())
+    for i in range(100):
+        x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("fsdp")), np.ones((4, 3), np.float32))
+        float(total(x))
+        if i == 0 and jax.process_index() == 1:
+            os._exit(3)
+    return {"process": jax.process_index(), "finished": True}
+
+
 SCENARIOS = {
     "pytree-fsdp": pytree_fsdp,
     "pytree-fsdp-tp": lambda out: pytree_fsdp(out, tp=2),
     "linen-llama": linen_llama,
+    "dies": dies,
 }
 
 
@@ -160,6 +181,7 @@ def main(argv: list[str]) -> None:
             num_processes=int(processes),
             process_id=int(process),
             initialization_timeout=60,
+            heartbeat_timeout_seconds=10,  # a dead host is noticed in seconds, not the default 100
         )
     result = SCENARIOS[scenario](out)
     print("RESULT " + json.dumps(result), flush=True)
