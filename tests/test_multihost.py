@@ -70,3 +70,13 @@ def test_a_process_that_dies_mid_run_stops_the_others_with_an_error_in_bounded_t
     assert survivor["exit"] != 0, survivor["output"]  # it did not carry on, nor finish as if nothing happened
     assert survivor["seconds"] < 90, survivor["seconds"]  # and it did not hang: the heartbeat timeout is 10 s
     assert "stopped sending heartbeats" in survivor["output"]  # JAX's coordination service says why
+
+
+def test_an_orbax_checkpoint_of_two_processes_resumes_on_one_and_on_four_to_the_same_losses(tmp_path):
+    whole = run_hosts("pytree-fsdp", processes=1, devices=8, out=tmp_path / "whole")[0]["losses"]
+    saved = run_hosts("save", processes=2, devices=4, out=tmp_path / "ckpt")
+    np.testing.assert_allclose(saved[0]["losses"], whole[:2], rtol=1e-6)
+    for processes, devices in ((1, 8), (4, 2)):
+        resumed = run_hosts("resume", processes=processes, devices=devices, out=tmp_path / "ckpt")
+        assert len(resumed) == processes
+        np.testing.assert_allclose(resumed[0]["losses"], whole[2:], rtol=1e-6)

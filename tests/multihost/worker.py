@@ -9,6 +9,7 @@ gathered (``process_allgather``) and process 0 alone saves PEFT's files.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -20,7 +21,10 @@ def _mlp_params(np):  # the same weights on every process
     }
 
 
-def pytree_fsdp(out: str, tp: int = 1) -> dict:
+def pytree_fsdp(out: str, tp: int = 1, phase: str = "all") -> dict:
+    """``phase``: ``"all"`` (3 steps, then PEFT's files), ``"save"`` (2 steps, then an orbax checkpoint
+    of the adapter and Adam's state in ``out``), ``"resume"`` (restore that checkpoint onto this run's
+    devices, whatever their process count, and take step 3)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -59,8 +63,20 @@ def pytree_fsdp(out: str, tp: int = 1) -> dict:
     rows = 4 * n  # the global batch over "fsdp"; each process holds the rows of its own devices
     data = np.random.default_rng(1)
     state, losses = tx.init(adapter), []
-    for _ in range(3):
+    if phase == "resume":
+        import orbax.checkpoint as ocp
+
+        replicated = NamedSharding(mesh, P())  # Adam's step count, made on one device: on every one
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if a.ndim else replicated),
+            {"adapter": adapter, "state": state},
+        )
+        restored = ocp.StandardCheckpointer().restore(os.path.abspath(out), target)
+        adapter, state = restored["adapter"], restored["state"]
+    for i in range(3):
         x_all = data.normal(size=(rows, 16)).astype(np.float32)
+        if (phase == "save" and i == 2) or (phase == "resume" and i < 2):
+            continue  # the same data order in every phase
         y_all = np.sin(x_all[:, :8])
         sharding = NamedSharding(mesh, P("fsdp"))
         per = rows // jax.process_count()
@@ -69,9 +85,16 @@ def pytree_fsdp(out: str, tp: int = 1) -> dict:
         y = jax.make_array_from_process_local_data(sharding, y_all[mine])
         adapter, state, loss = step(adapter, state, params, x, y)
         losses.append(float(loss))
-    whole = multihost_utils.process_allgather(adapter, tiled=True)
-    if jax.process_index() == 0:
-        pytree.save_pretrained(whole, out)
+    if phase == "save":  # every process writes its shards; orbax finalises once all have
+        import orbax.checkpoint as ocp
+
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.abspath(out), {"adapter": adapter, "state": state})
+        checkpointer.wait_until_finished()
+    elif phase == "all":
+        whole = multihost_utils.process_allgather(adapter, tiled=True)
+        if jax.process_index() == 0:
+            pytree.save_pretrained(whole, out)
     multihost_utils.sync_global_devices("saved")
     return {"losses": losses, "process": jax.process_index(), "devices": n}
 
@@ -167,6 +190,8 @@ SCENARIOS = {
     "pytree-fsdp-tp": lambda out: pytree_fsdp(out, tp=2),
     "linen-llama": linen_llama,
     "dies": dies,
+    "save": lambda out: pytree_fsdp(out, phase="save"),
+    "resume": lambda out: pytree_fsdp(out, phase="resume"),
 }
 
 
