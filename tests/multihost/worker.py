@@ -185,11 +185,76 @@ def dies(out: str) -> dict:
     return {"process": jax.process_index(), "finished": True}
 
 
+def nnx_mlp(out: str) -> dict:
+    """An NNX MLP built under the mesh (kernels FSDP-sharded by their partition metadata), a LoHa tuner
+    on both layers (its factors placed like their kernels), three jitted steps on process-local rows,
+    then PEFT's files from process 0."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import lycoris_jax as lj
+
+    mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
+    n = mesh.devices.size
+    init = nnx.initializers.lecun_normal()
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(16, 64, kernel_init=nnx.with_partitioning(init, (None, "fsdp")), rngs=rngs)
+            self.down = nnx.Linear(64, 8, kernel_init=nnx.with_partitioning(init, ("fsdp", None)), rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jnp.tanh(self.up(x)))
+
+    config = lj.LoHaConfig(r=4, target_modules=["up", "down"], init_weights=False)
+    with jax.set_mesh(mesh):
+        tuner = lj.LoHaModel(MLP(nnx.Rngs(0)), config, rngs=nnx.Rngs(params=0, dropout=1))
+    graphdef, trained, rest = nnx.split(tuner, lj.LycorisParam, ...)
+    put = lambda tree: jax.tree.map(  # noqa: E731  # global arrays, each as its partition metadata says
+        lambda a, s: jax.device_put(a, NamedSharding(mesh, s if isinstance(s, P) else P())),
+        tree,
+        nnx.get_partition_spec(tree),
+    )
+    trained, rest = put(trained), put(rest)
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(trained, state, rest, x, y):
+        loss = lambda t: jnp.mean((nnx.merge(graphdef, t, rest)(x) - y) ** 2)  # noqa: E731
+        value, grads = jax.value_and_grad(loss)(trained)
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(trained, updates), state, value
+
+    data, state, losses = np.random.default_rng(1), jax.jit(tx.init)(trained), []
+    per = 4 * n // jax.process_count()
+    for _ in range(3):
+        x_all = data.normal(size=(4 * n, 16)).astype(np.float32)
+        mine = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+        sharding = NamedSharding(mesh, P("fsdp"))
+        x = jax.make_array_from_process_local_data(sharding, x_all[mine])
+        y = jax.make_array_from_process_local_data(sharding, np.sin(x_all[mine, :8]))
+        trained, state, value = step(trained, state, rest, x, y)
+        losses.append(float(value))
+    whole = multihost_utils.process_allgather(trained, tiled=True)
+    if jax.process_index() == 0:
+        nnx.update(tuner, whole)
+        tuner.save_pretrained(out)
+    multihost_utils.sync_global_devices("saved")
+    return {"losses": losses, "process": jax.process_index(), "devices": n}
+
+
 SCENARIOS = {
     "pytree-fsdp": pytree_fsdp,
     "pytree-fsdp-tp": lambda out: pytree_fsdp(out, tp=2),
     "linen-llama": linen_llama,
     "dies": dies,
+    "nnx-mlp": nnx_mlp,
     "save": lambda out: pytree_fsdp(out, phase="save"),
     "resume": lambda out: pytree_fsdp(out, phase="resume"),
 }
