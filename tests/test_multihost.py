@@ -26,6 +26,9 @@ def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_proce
     assert sorted(a) == sorted(b) and len(a) == (8 if scenario == "nnx-mlp" else 4)  # LoHa: 4 factors a layer
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
+    if scenario.startswith("pytree"):  # and the LyCORIS file, from process 0 too
+        lycoris = load_file(tmp_path / "two.safetensors")
+        assert sorted(lycoris) == sorted(load_file(tmp_path / "one.safetensors")) and len(lycoris) >= 4
 
 
 def test_a_failing_process_stops_the_run_with_its_output():
