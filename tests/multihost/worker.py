@@ -302,6 +302,47 @@ def step_time(out: str) -> dict:
     return {"seconds": float(np.median(times)), "process": jax.process_index(), "devices": n}
 
 
+def interrupted_save(out: str) -> dict:
+    """Process 0 saves the adapter after two steps, then dies (SIGKILL) half-way through writing the
+    weights of the next save: the directory must still hold the first save, byte for byte."""
+    import hashlib
+    import signal
+    from pathlib import Path
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import lycoris_core._io as io
+    import lycoris_jax as lj
+    from lycoris_jax import pytree
+
+    def digest() -> str:
+        files = sorted(p for p in Path(out).rglob("*") if p.is_file())
+        return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
+
+    host = _mlp_params(np)
+    config = lj.LoKrConfig(r=4, target_modules=["up", "down"], init_weights=False)
+    first = pytree.init(host, config, key=jax.random.key(0))
+    second = pytree.init(host, config, key=jax.random.key(1))
+    if jax.process_index() == 0:
+        pytree.save_pretrained(first, out)
+        print("RESULT " + json.dumps({"digest": digest(), "process": 0}), flush=True)
+        write = io._write_new
+
+        def write_half_then_die(path: str, data: bytes) -> None:
+            if path.endswith(".safetensors"):
+                with open(path, "xb") as fh:
+                    fh.write(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            write(path, data)
+
+        io._write_new = write_half_then_die
+        pytree.save_pretrained(second, out)
+    multihost_utils.sync_global_devices("saved")  # process 1 waits here for a process that is gone
+    return {"process": jax.process_index(), "finished": True}
+
+
 SCENARIOS = {
     "pytree-fsdp": pytree_fsdp,
     "pytree-fsdp-tp": lambda out: pytree_fsdp(out, tp=2),
@@ -309,6 +350,7 @@ SCENARIOS = {
     "dies": dies,
     "nnx-mlp": nnx_mlp,
     "step-time": step_time,
+    "interrupted-save": interrupted_save,
     "save": lambda out: pytree_fsdp(out, phase="save"),
     "resume": lambda out: pytree_fsdp(out, phase="resume"),
 }
