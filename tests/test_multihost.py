@@ -10,7 +10,7 @@ import pytest
 from tests.multihost.harness import HostsFailed, run_hosts
 
 
-@pytest.mark.parametrize("scenario", ["pytree-fsdp", "pytree-fsdp-tp", "nnx-mlp"])
+@pytest.mark.parametrize("scenario", ["pytree-fsdp", "pytree-fsdp-loha", "pytree-fsdp-tp", "nnx-mlp", "nnx-mlp-lokr"])
 def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_process_0(scenario, tmp_path):
     from safetensors.numpy import load_file
 
@@ -23,7 +23,9 @@ def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_proce
         load_file(tmp_path / "two" / "adapter_model.safetensors"),
         load_file(tmp_path / "one" / "adapter_model.safetensors"),
     )
-    assert sorted(a) == sorted(b) and len(a) == (8 if scenario == "nnx-mlp" else 4)  # LoHa: 4 factors a layer
+    assert sorted(a) == sorted(b) and len(a) == (
+        8 if "loha" in scenario or scenario == "nnx-mlp" else 4
+    )  # LoHa: 4 a layer
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
     if scenario.startswith("pytree"):  # and the LyCORIS file, from process 0 too
@@ -36,7 +38,8 @@ def test_a_failing_process_stops_the_run_with_its_output():
         run_hosts("no-such-scenario", processes=2, devices=2, out="unused", timeout=120)
 
 
-def test_transformers_llama_through_the_linen_transform_on_two_processes_loads_in_peft(tmp_path):
+@pytest.mark.parametrize("scenario", ["linen-llama", "linen-llama-lokr"])
+def test_transformers_llama_through_the_linen_transform_on_two_processes_loads_in_peft(scenario, tmp_path):
     import warnings
 
     import jax
@@ -48,8 +51,8 @@ def test_transformers_llama_through_the_linen_transform_on_two_processes_loads_i
     from lycoris_jax import linen
     from tests.multihost.worker import LLAMA
 
-    two = run_hosts("linen-llama", processes=2, devices=4, out=tmp_path / "two")
-    one = run_hosts("linen-llama", processes=1, devices=8, out=tmp_path / "one")
+    two = run_hosts(scenario, processes=2, devices=4, out=tmp_path / "two")
+    one = run_hosts(scenario, processes=1, devices=8, out=tmp_path / "one")
     np.testing.assert_allclose(two[0]["losses"], one[0]["losses"], rtol=1e-5)
     assert two[0]["losses"][-1] < two[0]["losses"][0]
     with warnings.catch_warnings():

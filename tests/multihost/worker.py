@@ -21,7 +21,7 @@ def _mlp_params(np):  # the same weights on every process
     }
 
 
-def pytree_fsdp(out: str, tp: int = 1, phase: str = "all") -> dict:
+def pytree_fsdp(out: str, tp: int = 1, phase: str = "all", method: str = "lokr") -> dict:
     """``phase``: ``"all"`` (3 steps, then PEFT's files), ``"save"`` (2 steps, then an orbax checkpoint
     of the adapter and Adam's state in ``out``), ``"resume"`` (restore that checkpoint onto this run's
     devices, whatever their process count, and take step 3)."""
@@ -45,7 +45,8 @@ def pytree_fsdp(out: str, tp: int = 1, phase: str = "all") -> dict:
     params = jax.tree.map(
         lambda a, s: jax.make_array_from_callback(a.shape, NamedSharding(mesh, s), lambda i: a[i]), host, specs
     )
-    config = lj.LoKrConfig(r=4, target_modules=["up", "down"], init_weights=False)
+    config_cls = lj.LoKrConfig if method == "lokr" else lj.LoHaConfig
+    config = config_cls(r=4, target_modules=["up", "down"], init_weights=False)
     adapter = pytree.init(params, config, key=jax.random.key(0))
     adapter = jax.device_put(adapter, NamedSharding(mesh, P()))
 
@@ -103,7 +104,7 @@ def pytree_fsdp(out: str, tp: int = 1, phase: str = "all") -> dict:
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
-def linen_llama(out: str) -> dict:
+def linen_llama(out: str, method: str = "loha") -> dict:
     """transformers' Flax Llama through the Linen transform: its weights FSDP-sharded where a dim
     divides the devices, a LoHa adapter on q/v/down, three jitted steps on process-local sequences."""
     import warnings
@@ -132,7 +133,8 @@ def linen_llama(out: str) -> dict:
         return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda i: a[i])
 
     params = jax.tree.map(place, host)
-    cfg = lj.LoHaConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
+    config_cls = lj.LoKrConfig if method == "lokr" else lj.LoHaConfig
+    cfg = config_cls(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
     adapted, lycoris = linen.adapt(model.module, host, cfg, key=jax.random.key(0))
     lycoris = jax.device_put(lycoris, NamedSharding(mesh, P()))
     tx = optax.adam(1e-2)
@@ -186,7 +188,7 @@ def dies(out: str) -> dict:
     return {"process": jax.process_index(), "finished": True}
 
 
-def nnx_mlp(out: str) -> dict:
+def nnx_mlp(out: str, method: str = "loha") -> dict:
     """An NNX MLP built under the mesh (kernels FSDP-sharded by their partition metadata), a LoHa tuner
     on both layers (its factors placed like their kernels), three jitted steps on process-local rows,
     then PEFT's files from process 0."""
@@ -213,9 +215,10 @@ def nnx_mlp(out: str) -> dict:
         def __call__(self, x):
             return self.down(jnp.tanh(self.up(x)))
 
-    config = lj.LoHaConfig(r=4, target_modules=["up", "down"], init_weights=False)
+    config_cls, tuner_cls = (lj.LoKrConfig, lj.LoKrModel) if method == "lokr" else (lj.LoHaConfig, lj.LoHaModel)
+    config = config_cls(r=4, target_modules=["up", "down"], init_weights=False)
     with jax.set_mesh(mesh):
-        tuner = lj.LoHaModel(MLP(nnx.Rngs(0)), config, rngs=nnx.Rngs(params=0, dropout=1))
+        tuner = tuner_cls(MLP(nnx.Rngs(0)), config, rngs=nnx.Rngs(params=0, dropout=1))
     graphdef, trained, rest = nnx.split(tuner, lj.LycorisParam, ...)
     put = lambda tree: jax.tree.map(  # noqa: E731  # global arrays, each as its partition metadata says
         lambda a, s: jax.device_put(a, NamedSharding(mesh, s if isinstance(s, P) else P())),
@@ -349,6 +352,9 @@ SCENARIOS = {
     "linen-llama": linen_llama,
     "dies": dies,
     "nnx-mlp": nnx_mlp,
+    "nnx-mlp-lokr": lambda out: nnx_mlp(out, method="lokr"),
+    "pytree-fsdp-loha": lambda out: pytree_fsdp(out, method="loha"),
+    "linen-llama-lokr": lambda out: linen_llama(out, method="lokr"),
     "step-time": step_time,
     "interrupted-save": interrupted_save,
     "save": lambda out: pytree_fsdp(out, phase="save"),
