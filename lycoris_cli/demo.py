@@ -15,7 +15,6 @@ Exits 1 if the loss does not fall or any framework disagrees beyond the toleranc
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -70,19 +69,10 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def _check_model_directory(path: str) -> None:
     """A directory with a config.json whose ``model_type`` is one of :data:`MODEL_TYPES`."""
-    expected = "a local transformers Llama, Gemma or Mistral checkpoint directory"
-    if not os.path.isdir(path):
-        what = "a file" if os.path.exists(path) else "no such directory"
-        raise ValueError(f"--model {path!r}: expected {expected}, got {what}")
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise ValueError(f"--model {path!r}: config.json is missing (expected {expected}: config.json and weights)")
-    try:
-        with open(config, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (ValueError, OSError) as err:  # not JSON, not UTF-8, unreadable
-        raise ValueError(f"--model {config!r}: cannot read it: {type(err).__name__}: {err}") from None
-    model_type = data.get("model_type") if isinstance(data, dict) else None
+    from lycoris_cli import read_model_config
+
+    data = read_model_config(path, "a local transformers Llama, Gemma or Mistral checkpoint directory")
+    model_type = data.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(
             f"--model {path!r}: expected a Llama, Gemma or Mistral checkpoint, got model_type {model_type!r} in config.json"

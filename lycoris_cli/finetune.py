@@ -105,19 +105,9 @@ def check_arguments(args: argparse.Namespace) -> dict:
 
 def _check_model(path: str) -> dict:
     """``config.json`` of a causal LM with a Flax class, safetensors or Flax weights, tokenizer files."""
-    if not os.path.isdir(path):
-        raise ValueError(f"--model {path!r}: {'a file' if os.path.exists(path) else 'no such directory'}; "
-                         "expected a transformers checkpoint directory")  # fmt: skip
-    name = os.path.join(path, "config.json")
-    if not os.path.isfile(name):
-        raise ValueError(f"--model {path!r}: config.json is missing")
-    try:
-        with open(name, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"--model {name!r}: cannot read it: {type(err).__name__}: {err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"--model {name!r}: expected a JSON object")
+    from lycoris_cli import read_model_config
+
+    config = read_model_config(path, "a transformers checkpoint directory")
     from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as FLAX
 
     if config.get("model_type") not in FLAX:

@@ -60,19 +60,10 @@ def _config(spec: str) -> tuple[str, dict | None]:
     """``(name, config)``: a preset (config ``None``) or a directory's ``config.json``."""
     if spec in PRESETS:
         return spec, None
-    if not os.path.isdir(spec):
-        raise ValueError(f"--model {spec!r}: neither a directory nor a preset ({', '.join(PRESETS)})")
-    path = os.path.join(spec, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"--model {spec!r}: config.json is missing (a transformers checkpoint directory has one)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return os.path.basename(os.path.normpath(spec)), config
+    from lycoris_cli import read_model_config
+
+    expected = f"a transformers checkpoint directory (config.json) or a preset: {', '.join(PRESETS)}"
+    return os.path.basename(os.path.normpath(spec)), read_model_config(spec, expected)
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[str, dict | None, tuple[str, ...]]:

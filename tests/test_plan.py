@@ -76,7 +76,7 @@ def _bad(tmp_path, monkeypatch):
     )
     return {
         "no-config": ([f"--model={tmp_path / 'empty'}"], "config.json is missing", None),
-        "not-a-model": (["--model=llama9"], "neither a directory nor a preset", None),
+        "not-a-model": (["--model=llama9"], "got no such directory", None),
         "seq-beyond-positions": ([f"--model={tmp_path / 'short'}", "--seq=1024"], "longer than the model's 512", None),
         "unknown-generation": (["--topology=v9x:2x2"], "generations: v5e, v6e, v5p", None),
         "topology-libtpu-refuses": (["--topology=v5e:3x3"], "libtpu refuses it", "libtpu"),
