@@ -100,12 +100,6 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, dict | None, tuple[s
     return name, config, targets
 
 
-def _need(error: Exception) -> int | None:
-    """Bytes of temporaries the compiler asked for, from its out-of-memory message."""
-    found = re.search(r"temporaries \(([0-9.]+)([GM])\)", str(error))
-    return None if not found else int(float(found[1]) * (GIB if found[2] == "G" else 2**20))
-
-
 def _progress(what: str, start: float) -> None:
     print(f"  compiled {what} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
@@ -130,19 +124,7 @@ class _Compiler:
         tpu, start = self.tpu, time.perf_counter()
         with jax.set_mesh(self.mesh), lj.compiling_for("tpu"):
             step, _, args = tpu.lowering(self.shape, variant, self.mesh, self.seq, batch)
-            held = sum(  # the arguments' bytes per chip: what the step holds besides its temporaries
-                math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(args)
-            )
-            try:
-                fig = tpu.figures(jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile())
-            except Exception as error:  # libtpu reports a program over HBM as a compile error
-                if not tpu._NO_FIT.search(str(error)):
-                    raise
-                need = _need(error)
-                fig, total = None, None if need is None else held + need
-            else:
-                total = fig.total
-                fig = fig if fig.total <= self.hbm else None
+        fig, total = tpu.fit(step, *args, mesh=self.mesh, donate_argnums=(0, 1), hbm=self.hbm)
         self.figures[key], self.totals[key] = fig, total
         _progress(f"{variant.name} at batch {batch}: {'fits' if fig else 'does not fit'}", start)
         return fig

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -486,20 +487,31 @@ def figures(compiled: Any) -> Figures:
 _NO_FIT = re.compile(r"exceeds available HBM|RESOURCE_EXHAUSTED|Ran out of memory")
 
 
-def compile_step(
+def fit(
     fn: Callable, *args: Any, mesh: Mesh, donate_argnums: Sequence[int] = (), hbm: int | None = None
-) -> Figures | None:
-    """Compile ``jax.jit(fn, donate_argnums)`` for ``args`` (``ShapeDtypeStruct``s sharded on ``mesh``,
-    a topology's mesh from :func:`devices`) and return its figures; ``None`` when it does not fit the
-    chip: the compiler says so, or its total exceeds ``hbm``. Forward paths choose as on a TPU."""
+) -> tuple[Figures | None, int | None]:
+    """``(figures, needed)`` of ``jax.jit(fn, donate_argnums)`` compiled for ``args`` (``ShapeDtypeStruct``s
+    sharded on ``mesh``, a topology's mesh from :func:`devices`): ``figures`` ``None`` when it does not
+    fit the chip (the compiler says so, or its total exceeds ``hbm``); ``needed`` the bytes per chip it
+    asks for (its total; where the compiler refused it, the arguments plus the temporaries its message
+    names; ``None`` when the message names none). Forward paths choose as on a TPU."""
+    held = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(args))
     try:
         with jax.set_mesh(mesh), compiling_for("tpu"):
             fig = figures(jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*args).compile())
     except Exception as error:  # libtpu reports an over-budget program as a compile error
-        if _NO_FIT.search(str(error)):
-            return None
-        raise
-    return None if hbm is not None and fig.total > hbm else fig
+        if not _NO_FIT.search(str(error)):
+            raise
+        found = re.search(r"temporaries \(([0-9.]+)([GM])\)", str(error))
+        return None, None if not found else held + int(float(found[1]) * (GIB if found[2] == "G" else 2**20))
+    return (None if hbm is not None and fig.total > hbm else fig), fig.total
+
+
+def compile_step(
+    fn: Callable, *args: Any, mesh: Mesh, donate_argnums: Sequence[int] = (), hbm: int | None = None
+) -> Figures | None:
+    """The figures of :func:`fit`, or ``None`` when the step does not fit the chip."""
+    return fit(fn, *args, mesh=mesh, donate_argnums=donate_argnums, hbm=hbm)[0]
 
 
 def lowering(
