@@ -7,8 +7,11 @@ lines with a ``"text"`` field (``.jsonl``), tokenized with the model's tokenizer
 by its end-of-sequence token) and packed into rows of ``--seq`` tokens; the last ``--eval-fraction``
 of the rows is held out for an eval loss at every save.
 
-Training is data-parallel over every local device (the base weights sharded over them instead
-where they would not fit one), jitted, with Adam on the adapter's factors. Every ``--save-every``
+Training is data-parallel over every device (the base weights sharded over them instead where
+they would not fit one), jitted, with Adam on the adapter's factors. On several hosts (a TPU pod
+slice) the same command runs on each, with ``--distributed`` (JAX finds the hosts) or
+``--coordinator/--num-processes/--process-id``: one program over every host's devices, each host
+placing its own part of each batch; process 0 prints and writes the final files. Every ``--save-every``
 steps, and on Ctrl-C, ``OUT/checkpoints`` gets a resumable checkpoint (orbax: factors, optimizer
 state, step, losses; the data order is a function of the step), and ``--resume`` continues to the
 losses an uninterrupted run gives. At the end ``OUT`` holds ``adapter/`` (PEFT's files),
@@ -59,6 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     parser.add_argument("--out", default="finetune_output", help="output directory (default: finetune_output)")
     parser.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order (default: 0)")
+    hosts = parser.add_argument_group(
+        "several hosts (a TPU pod slice: the same command on every host, each with its own devices)"
+    )
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the other hosts' processes as JAX finds them (a Cloud TPU VM slice, SLURM, Open MPI, Kubernetes)",
+    )
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="or name them: process 0's address and a free port")
+    hosts.add_argument("--num-processes", type=int, metavar="N", help="with --coordinator: how many processes")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="with --coordinator: this one's, 0 to N-1")
 
 
 # ---------------------------------------------------------------- checking the input
@@ -79,6 +93,7 @@ def check_arguments(args: argparse.Namespace) -> dict:
         raise ValueError(f"--eval-fraction: expected a fraction in [0, 1), got {args.eval_fraction}")
     if args.seed < 0:
         raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
+    _check_hosts(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r}: exists and is not a directory")
     checkpoints = os.path.join(args.out, "checkpoints")
@@ -101,6 +116,42 @@ def check_arguments(args: argparse.Namespace) -> dict:
         raise ValueError(f"--seq {args.seq}: longer than the model's {limit} positions (config.json)")
     _check_data(args.data)
     return config
+
+
+def _check_hosts(args: argparse.Namespace) -> None:
+    named = {"--coordinator": args.coordinator, "--num-processes": args.num_processes, "--process-id": args.process_id}
+    given = [k for k, v in named.items() if v is not None]
+    if args.distributed and given:
+        raise ValueError(f"--distributed finds the processes itself: drop {', '.join(given)}")
+    if given and len(given) < 3:
+        missing = [k for k in named if k not in given]
+        raise ValueError(f"{', '.join(given)}: give --coordinator, --num-processes and --process-id together "
+                         f"(missing {', '.join(missing)})")  # fmt: skip
+    if not given:
+        return
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator {args.coordinator!r}: expected HOST:PORT, such as 10.0.0.2:8476")
+    if args.num_processes < 1:
+        raise ValueError(f"--num-processes: expected a positive integer, got {args.num_processes}")
+    if not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id {args.process_id}: expected 0 to {args.num_processes - 1} (--num-processes)")
+
+
+def _join_hosts(args: argparse.Namespace) -> None:
+    """Join the run's other processes (``jax.distributed``), before JAX touches a device. On CPU the
+    collectives between processes go through gloo."""
+    import jax
+
+    if not (args.distributed or (args.num_processes or 1) > 1):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.distributed:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
 
 
 def _check_model(path: str) -> dict:
@@ -243,7 +294,7 @@ def _placement(params: Any, mesh: Any) -> Any:
     from jax.sharding import NamedSharding, PartitionSpec
 
     size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    stats = mesh.devices.flat[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     n = mesh.size
     if not stats.get("bytes_limit") or size < stats["bytes_limit"] / 2 or n == 1:
         return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
@@ -271,9 +322,13 @@ def run(args: argparse.Namespace) -> int:
     from lycoris_jax import pytree
 
     start = time.perf_counter()
-    devices = jax.local_devices()
+    _join_hosts(args)
+    devices, processes = jax.devices(), jax.process_count()
     if args.batch % len(devices):
-        raise ValueError(f"--batch {args.batch}: not a multiple of the {len(devices)} local devices")
+        where = f" of {processes} processes" if processes > 1 else ""
+        raise ValueError(f"--batch {args.batch}: not a multiple of the {len(devices)} devices{where}")
+    first = jax.process_index() == 0  # the one process that prints and writes the final files
+    say = print if first else lambda *_, **__: None
     model, params, tokenizer = _load_model(args.model, args.seq)
     data = load_data(args.data, tokenizer, args.seq, args.eval_fraction)
     run_config = _config(args, data)
@@ -288,10 +343,10 @@ def run(args: argparse.Namespace) -> int:
 
     mesh = Mesh(np.asarray(devices), ("data",))
     replicated, rows = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    params = jax.device_put(params, _placement(params, mesh))
-    adapter = jax.device_put(adapter, replicated)
+    params = _put(params, _placement(params, mesh))
+    adapter = _put(adapter, replicated)
     tx = optax.adam(args.lr)
-    opt_state = jax.device_put(tx.init(adapter), replicated)
+    opt_state = jax.jit(tx.init, out_shardings=replicated)(adapter)
 
     def row_losses(a: Any, batch: jax.Array) -> jax.Array:
         logits = model(batch, params=pytree.merge(params, a)).logits[:, :-1].astype(jnp.float32)
@@ -303,16 +358,14 @@ def run(args: argparse.Namespace) -> int:
         updates, state = tx.update(grads, state, a)
         return optax.apply_updates(a, updates), state, value
 
-    eval_rows = jax.jit(row_losses)
+    eval_rows = jax.jit(row_losses, out_shardings=replicated)  # every process reads every row's loss
 
     def eval_loss(a: Any) -> float | None:
         if not len(data.eval):
             return None
         pad = -len(data.eval) % args.batch
         padded = np.concatenate([data.eval, data.eval[:1].repeat(pad, 0)])
-        losses = [
-            eval_rows(a, jax.device_put(padded[i : i + args.batch], rows)) for i in range(0, len(padded), args.batch)
-        ]
+        losses = [eval_rows(a, _put(padded[i : i + args.batch], rows)) for i in range(0, len(padded), args.batch)]
         return float(np.concatenate([np.asarray(x) for x in losses])[: len(data.eval)].mean())
 
     os.makedirs(args.out, exist_ok=True)
@@ -337,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         state = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         adapter, opt_state = state["adapter"], state["opt_state"]
         step, losses, evals = meta["step"], meta["losses"], meta["evals"]
-        print(f"resumed from step {step} ({os.path.join(args.out, 'checkpoints', str(latest))})")
+        say(f"resumed from step {step} ({os.path.join(args.out, 'checkpoints', str(latest))})")
 
     def save() -> None:
         evals.append([step, eval_loss(adapter)])
@@ -350,14 +403,22 @@ def run(args: argparse.Namespace) -> int:
 
     n_factors = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(adapter))
     n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    print(
+    say(
         f"{args.method} r={args.rank} alpha={run_config['alpha']:g} on {len(adapter.factors)} modules of "
         f"{type(model).__name__}: {n_factors:,} trainable parameters ({100 * n_factors / n_base:.3g}% of {n_base:,}); "
         f"{len(data.train)} training rows and {len(data.eval)} held out, of {args.seq} tokens "
-        f"({data.tokens:,} tokens); {len(devices)} device(s)"
+        f"({data.tokens:,} tokens); {len(devices)} device(s)" + (f" in {processes} processes" if processes > 1 else "")
     )
-    # Ctrl-C stops after the step under way (a second one at once), then saves: never a half-updated state
+    # Ctrl-C stops after the step under way (a second one at once), then saves: never a half-updated state.
+    # Several processes stop together: each step they agree whether any was interrupted.
     stop: list[int] = []
+
+    def stopping() -> bool:
+        if processes == 1:
+            return bool(stop)
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(len(stop)))))
 
     def interrupt(signum: int, frame: Any) -> None:
         if stop:
@@ -365,11 +426,13 @@ def run(args: argparse.Namespace) -> int:
         stop.append(signum)
 
     previous = signal.signal(signal.SIGINT, interrupt)
-    bar = tqdm(total=args.steps, initial=step, desc=f"finetune {args.method}", unit="step", file=sys.stderr)
+    bar = tqdm(
+        total=args.steps, initial=step, desc=f"finetune {args.method}", unit="step", file=sys.stderr, disable=not first
+    )
     try:
-        while step < args.steps and not stop:
+        while step < args.steps and not (stopped := stopping()):
             tick = time.perf_counter()
-            batch = jax.device_put(data.batch(step, args.batch, args.seed), rows)
+            batch = _put(data.batch(step, args.batch, args.seed), rows)
             adapter, opt_state, value = train_step(adapter, opt_state, batch)
             losses.append(float(value))
             step += 1
@@ -380,17 +443,20 @@ def run(args: argparse.Namespace) -> int:
             if step % args.save_every == 0 or step == args.steps:
                 save()
         bar.close()
-        if stop:
-            print(f"interrupted: saving step {step}", file=sys.stderr)
+        if step < args.steps and stopped:
+            say(f"interrupted: saving step {step}", file=sys.stderr)
             if manager.latest_step() != step:
                 save()
-            print(f"saved; continue with the same command and --resume (out: {args.out})", file=sys.stderr)
+            say(f"saved; continue with the same command and --resume (out: {args.out})", file=sys.stderr)
             return 130
     finally:
         signal.signal(signal.SIGINT, previous)
         manager.close()
 
     adapter_dir = os.path.join(args.out, "adapter")
+    if not first:  # process 0 writes the files; the others wait for it, then end
+        _written()
+        return 0
     pytree.save_pretrained(adapter, adapter_dir)
     pytree.save_lycoris(adapter, os.path.join(args.out, "adapter.safetensors"))
     final_eval = evals[-1][1] if evals else None
@@ -405,6 +471,7 @@ def run(args: argparse.Namespace) -> int:
         eval_loss=final_eval,
         seconds=time.perf_counter() - start,
         devices=len(devices),
+        processes=processes,
         config=run_config,
         losses=losses,
         evals=evals,
@@ -430,7 +497,35 @@ def run(args: argparse.Namespace) -> int:
         f"{os.path.join(args.out, 'loss.png')}\n"
         f"load it in PEFT:\n{load}"
     )
+    _written()
     return 0
+
+
+def _put(tree: Any, shardings: Any) -> Any:
+    """``tree``'s arrays (the same values on every process) placed by ``shardings`` (one, or a tree of
+    them) over the devices of every process: each process puts its own devices' parts."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x: Any, sharding: Any) -> Any:
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def _written() -> None:
+    """Several processes: none ends before process 0 has written the final files."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lycoris-jax finetune: files written")
 
 
 def _plot(losses: Sequence[float], evals: Sequence[Sequence[Any]], path: str, title: str) -> None:

@@ -202,6 +202,22 @@ ERRORS = {
     "resume-nothing": (lambda t, f: ["--resume"], r"--resume: no checkpoint in"),
     "batch-zero": (lambda t, f: ["--batch", "0"], "--batch: expected a positive integer, got 0"),
     "eval-fraction": (lambda t, f: ["--eval-fraction", "1"], r"--eval-fraction: expected a fraction in \[0, 1\)"),
+    "hosts-partly-named": (
+        lambda t, f: ["--coordinator", "127.0.0.1:8476"],
+        "give --coordinator, --num-processes and --process-id together",
+    ),
+    "hosts-bad-coordinator": (
+        lambda t, f: ["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+        "--coordinator 'localhost': expected HOST:PORT",
+    ),
+    "hosts-bad-process-id": (
+        lambda t, f: ["--coordinator", "127.0.0.1:8476", "--num-processes", "2", "--process-id", "2"],
+        r"--process-id 2: expected 0 to 1",
+    ),
+    "hosts-twice": (
+        lambda t, f: ["--distributed", "--coordinator", "127.0.0.1:8476"],
+        "--distributed finds the processes itself: drop --coordinator",
+    ),
 }
 
 

@@ -103,3 +103,71 @@ def test_a_save_interrupted_on_process_0_leaves_the_previous_checkpoint(tmp_path
     after = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
     assert after == before["digest"]  # the first save, byte for byte
     assert pytree.read_config(out).r == 4
+
+
+def test_finetune_started_once_per_host_trains_as_one_process_stops_together_and_resumes_on_another_count(
+    tmp_path,
+):
+    """``lycoris-jax finetune`` on 2 processes x 4 devices, started once per simulated host as on a pod
+    (``--coordinator/--num-processes/--process-id``). Ctrl-C on process 1 alone stops both after the
+    same step, saved; the checkpoint resumes on 1 process x 8 devices and then on 2 x 4 again, to the
+    losses of one uninterrupted process of 8 devices; process 0 alone prints and writes the final files."""
+    import json
+    import signal
+    import sys
+
+    from tests.finetune_fixture import make_checkpoint, sonnets
+    from tests.multihost.harness import failed, free_port, start
+
+    make_checkpoint(str(tmp_path / "model"))
+    (tmp_path / "data.txt").write_text(sonnets(), encoding="utf-8")
+
+    def finetune(out, processes, devices, steps, *extra, watch=None, expect=0):
+        port, command = free_port(), [sys.executable, "-m", "lycoris_cli", "finetune"]
+        common = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.txt"), "--seq", "64",
+                  "--batch", "8", "--lr", "1e-2", "--save-every", "2", "--steps", str(steps), "--out", str(out)]  # fmt: skip
+        hosts = lambda i: [
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(processes),
+            "--process-id",
+            str(i),
+        ]  # noqa: E731
+        what = f"finetune on {processes} x {devices}"
+        runs = start(
+            [[*command, *common, *extra, *(hosts(i) if processes > 1 else [])] for i in range(processes)],
+            devices, timeout=420, what=what, watch=watch, wait_all=expect != 0,
+        )  # fmt: skip
+        if any(r["exit"] != expect for r in runs):
+            raise failed(what, runs)
+        return runs
+
+    def summary(out):
+        return json.loads((out / "summary.json").read_text())
+
+    finetune(tmp_path / "one", 1, 8, 4)
+    one = summary(tmp_path / "one")
+
+    out, sent = tmp_path / "two", []
+
+    def interrupt_process_1(procs):  # once step 2 is saved: training is under way on both
+        if not sent and (out / "checkpoints" / "2").is_dir():
+            procs[1].send_signal(signal.SIGINT)
+            sent.append(True)
+
+    runs = finetune(out, 2, 4, 100000, watch=interrupt_process_1, expect=130)
+    assert "8 device(s) in 2 processes" in runs[0]["output"] and "saved; continue" in runs[0]["output"]
+    saved = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved >= 2
+    finetune(out, 1, 8, max(4, saved + 1), "--resume")  # the checkpoint of 2 processes, on 1
+    assert summary(out)["processes"] == 1
+    np.testing.assert_allclose(summary(out)["losses"][:4], one["losses"], rtol=1e-6)
+    steps = summary(out)["steps"]
+    runs = finetune(out, 2, 4, steps + 1, "--resume")  # and back on 2
+    done = summary(out)
+    assert done["processes"] == 2 and done["steps"] == steps + 1
+    np.testing.assert_allclose(done["losses"][:4], one["losses"], rtol=1e-6)
+    assert "trainable parameters" in runs[0]["output"] and "trainable parameters" not in runs[1]["output"]
+    for name in ("adapter/adapter_model.safetensors", "adapter.safetensors", "loss.png"):
+        assert (out / name).is_file(), name

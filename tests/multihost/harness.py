@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,14 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_hosts(
-    scenario: str, processes: int, devices: int, out: Path, timeout: float = 240.0, wait_all: bool = False
+def start(
+    commands: list[list[str]],
+    devices: int,
+    timeout: float = 240.0,
+    wait_all: bool = False,
+    what: str = "run",
+    watch: Callable[[list[subprocess.Popen]], None] | None = None,
 ) -> list[dict]:
-    """Run ``scenario`` on ``processes`` processes of ``devices`` CPU devices each; their results in
-    process order. ``HostsFailed`` (with each process's output tail) on any failure or on timeout.
-    ``wait_all``: when one fails, let the others end by themselves (within ``timeout``) and return
-    ``{"exit": code, "seconds": s, "output": text}`` per process instead of raising."""
-    port = free_port()
+    """Run one command per process (each with ``devices`` CPU devices of its own), at once, bounded by
+    ``timeout``; ``{"exit", "seconds", "output"}`` per process, in order. When one fails the others are
+    killed (they would wait on it), unless ``wait_all``: then they end by themselves, within ``timeout``.
+    ``watch(processes)`` is called while they run (to signal one, say). ``HostsFailed`` when the time
+    is up."""
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -47,7 +53,7 @@ def run_hosts(
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.multihost.worker", scenario, str(i), str(processes), str(port), str(out)],
+            command,
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -55,19 +61,21 @@ def run_hosts(
             text=True,
             start_new_session=True,
         )
-        for i in range(processes)
+        for command in commands
     ]
-    start = time.monotonic()
-    deadline, outputs, ended = start + timeout, [None] * processes, [None] * processes
+    start_time = time.monotonic()
+    deadline, outputs, ended = start_time + timeout, [""] * len(procs), [None] * len(procs)
     try:
         while any(p.poll() is None for p in procs):
             for i, p in enumerate(procs):
                 if p.poll() is not None and ended[i] is None:
-                    ended[i] = time.monotonic() - start
+                    ended[i] = time.monotonic() - start_time
             if time.monotonic() > deadline:
-                raise HostsFailed(f"{scenario}: not done after {timeout:.0f} s")
+                raise HostsFailed(f"{what}: not done after {timeout:.0f} s")
             if not wait_all and any(p.poll() not in (None, 0) for p in procs):  # the others would wait on it
                 break
+            if watch is not None:
+                watch(procs)
             time.sleep(0.2)
     finally:
         for p in procs:
@@ -75,17 +83,34 @@ def run_hosts(
                 os.killpg(p.pid, signal.SIGKILL)
         for i, p in enumerate(procs):
             outputs[i] = p.communicate()[0]
-            ended[i] = ended[i] if ended[i] is not None else time.monotonic() - start
+            ended[i] = ended[i] if ended[i] is not None else time.monotonic() - start_time
+    return [{"exit": p.returncode, "seconds": ended[i], "output": outputs[i]} for i, p in enumerate(procs)]
+
+
+def failed(what: str, runs: list[dict]) -> HostsFailed:
+    tails = "\n".join(f"--- process {j} (exit {r['exit']}):\n{r['output'][-3000:]}" for j, r in enumerate(runs))
+    return HostsFailed(f"{what}: a process failed\n{tails}")
+
+
+def run_hosts(
+    scenario: str, processes: int, devices: int, out: Path, timeout: float = 240.0, wait_all: bool = False
+) -> list[dict]:
+    """Run ``scenario`` on ``processes`` processes of ``devices`` CPU devices each; their results in
+    process order. ``HostsFailed`` (with each process's output tail) on any failure or on timeout.
+    ``wait_all``: when one fails, let the others end by themselves (within ``timeout``) and return
+    ``{"exit": code, "seconds": s, "output": text}`` per process instead of raising."""
+    port = free_port()
+    commands = [
+        [sys.executable, "-m", "tests.multihost.worker", scenario, str(i), str(processes), str(port), str(out)]
+        for i in range(processes)
+    ]
+    runs = start(commands, devices, timeout, wait_all, what=scenario)
     if wait_all:
-        return [{"exit": p.returncode, "seconds": ended[i], "output": outputs[i]} for i, p in enumerate(procs)]
+        return runs
     results = []
-    for i, (p, text) in enumerate(zip(procs, outputs, strict=True)):
-        lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
-        if p.returncode != 0 or not lines:
-            tails = "\n".join(
-                f"--- process {j} (exit {q.returncode}):\n{o[-3000:]}"
-                for j, (q, o) in enumerate(zip(procs, outputs, strict=True))
-            )
-            raise HostsFailed(f"{scenario}: process {i} failed\n{tails}")
+    for run in runs:
+        lines = [line for line in run["output"].splitlines() if line.startswith("RESULT ")]
+        if run["exit"] != 0 or not lines:
+            raise failed(scenario, runs)
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
     return results
