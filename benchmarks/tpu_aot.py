@@ -132,8 +132,13 @@ def batch_table(
 
 
 # ---------------------------------------------------------------- one layer: the cost rule's grid
-#: single Linear layers ``(in, out)``: square from 256 to 16384 wide, and the models' projections
-LAYERS = ((256, 256), (1024, 1024), (4096, 4096), (16384, 16384), (4096, 14336), (14336, 4096), (2304, 9216))
+#: single Linear layers ``(in, out)``: square from 256 to 16384 wide, and every projection of B6's models
+#: (Llama-3-8B: q/o 4096x4096, k/v 4096x1024, gate/up 4096x14336, down 14336x4096; Gemma-2-2B: q 2304x2048,
+#: k/v 2304x1024, o 2048x2304, gate/up 2304x9216, down 9216x2304)
+LAYERS = (
+    (256, 256), (1024, 1024), (4096, 4096), (16384, 16384), (4096, 14336), (14336, 4096), (2304, 9216),
+    (4096, 1024), (2304, 2048), (2304, 1024), (2048, 2304), (9216, 2304),
+)  # fmt: skip
 
 
 class _Layer(nnx.Module):

@@ -167,14 +167,15 @@ def path_costs(
 #: TPU lanes: the minor dimension of every array on a TPU is stored in tiles of this many elements
 TPU_LANES = 128
 #: TPU thresholds, from ``benchmarks/tpu_aot.py --calibrate`` (single bf16 Linears from 256 to 16384
-#: wide and the models' projections, 256 to 8192 tokens, r = 8, 16, 64): "factored" when the
+#: wide and every projection of B6's models, 256 to 8192 tokens, r = 8, 16, 64): "factored" when the
 #: activations it moves are below this fraction of the kernel-sized work "merged" does, per
-#: ``(training, eval)``
-TPU_LOKR_RATIO = (0.18, 0.7)
-TPU_LOHA_RATIO = (0.044, 0.044)
+#: ``(training, eval)``; each the round value inside the interval that agrees with the most estimates
+TPU_LOKR_RATIO = (0.42, 0.42)
+TPU_LOHA_RATIO = (0.05, 0.07)
 #: LoHa with ``r² > TPU_LOHA_WIDE · min(in, out)``: forming ``R Qᵀ`` costs ``r²`` multiply-adds per
-#: kernel element, and "factored" pays off up to this many times more activations
-TPU_LOHA_WIDE, TPU_LOHA_WIDE_FACTOR = 0.1, (64.0, 4.0)
+#: kernel element, and "factored" pays off up to ``TPU_LOHA_WIDE_FACTOR`` times more activations;
+#: per ``(training, eval)``
+TPU_LOHA_WIDE, TPU_LOHA_WIDE_FACTOR = (0.1, 0.2), (16.0, 4.0)
 
 
 def _lanes(n: int) -> int:
@@ -186,7 +187,7 @@ def _tpu_costs(plan: AdapterPlan, tokens: int, *, training: bool, split: Split) 
     by multiply-adds (the matrix unit's are nearly free). ``"merged"``: kernel-sized work (LoKr's
     Kronecker product laid out in tiles of :data:`TPU_LANES`); ``"factored"``: activation-sized work
     (LoKr's ``(N, c, b)`` intermediate padded to whole tiles), scaled by the calibrated thresholds.
-    The TPU compiler's estimate agrees in 87% of B6's grid (BENCHMARKS.md)."""
+    The TPU compiler's estimate agrees in 92% of B6's grid (BENCHMARKS.md)."""
     layer = plan.layer
     out_f, in_f = layer.out_features, layer.in_features
     n, numel = tokens / split.tokens, math.prod(plan.weight_shape) / split.kernel
@@ -199,7 +200,7 @@ def _tpu_costs(plan: AdapterPlan, tokens: int, *, training: bool, split: Split) 
         merged = TPU_LOKR_RATIO[mode] * numel * _lanes(d) * _lanes(b) / (d * b)
         factored = n * (_lanes(in_f) + c * _lanes(b) + _lanes(out_f))
     else:
-        wide = plan.r * plan.r > TPU_LOHA_WIDE * min(in_f, out_f)
+        wide = plan.r * plan.r > TPU_LOHA_WIDE[mode] * min(in_f, out_f)
         ratio = TPU_LOHA_RATIO[mode] * (TPU_LOHA_WIDE_FACTOR[mode] if wide else 1.0)
         merged, factored = ratio * numel, n * (in_f + out_f)
     costs = {"peft": math.inf, "merged": merged}

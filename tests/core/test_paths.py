@@ -94,7 +94,7 @@ def test_the_tpu_rule_weighs_bytes_and_tiles():
     assert auto(loha(LayerShape("linear", 4096, 4096)), 256, training=False) == "merged"
     assert auto(loha(LayerShape("linear", 4096, 4096)), 64) == "factored"
     assert auto(loha(LayerShape("linear", 4096, 4096)), 4096) == "merged"
-    assert auto(wide, 1024) == "factored" and auto(wide, 8192) == "merged"
+    assert auto(wide, 256) == "factored" and auto(wide, 8192) == "merged"
     # data parallel over 8 chips: 1/8 of the tokens per chip against the whole kernel
     assert auto(square, 4096) == "merged" and auto(square, 4096, split=Split(tokens=8, matmul=8)) == "factored"
     # the CPU rule is unchanged by the platform argument's default
