@@ -126,14 +126,10 @@ def test_finetune_started_once_per_host_trains_as_one_process_stops_together_and
         port, command = free_port(), [sys.executable, "-m", "lycoris_cli", "finetune"]
         common = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.txt"), "--seq", "64",
                   "--batch", "8", "--lr", "1e-2", "--save-every", "2", "--steps", str(steps), "--out", str(out)]  # fmt: skip
-        hosts = lambda i: [
-            "--coordinator",
-            f"127.0.0.1:{port}",
-            "--num-processes",
-            str(processes),
-            "--process-id",
-            str(i),
-        ]  # noqa: E731
+
+        def hosts(i):
+            return ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i)]
+
         what = f"finetune on {processes} x {devices}"
         runs = start(
             [[*command, *common, *extra, *(hosts(i) if processes > 1 else [])] for i in range(processes)],
