@@ -145,13 +145,20 @@ def _join_hosts(args: argparse.Namespace) -> None:
 
     if not (args.distributed or (args.num_processes or 1) > 1):
         return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if args.distributed:
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as err:  # no cluster JAX knows around this process
+            raise ValueError(
+                f"--distributed: JAX found no cluster to join here ({err}); it reads a Cloud TPU VM's metadata, "
+                "SLURM, Open MPI or Kubernetes; elsewhere name the processes with --coordinator, --num-processes "
+                "and --process-id"
+            ) from None
     else:
         jax.distributed.initialize(
             coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
         )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # before the CPU backend exists
 
 
 def _check_model(path: str) -> dict:
