@@ -10,7 +10,11 @@ import pytest
 from tests.multihost.harness import HostsFailed, run_hosts
 
 
-@pytest.mark.parametrize("scenario", ["pytree-fsdp", "pytree-fsdp-loha", "pytree-fsdp-tp", "nnx-mlp", "nnx-mlp-lokr"])
+@pytest.mark.parametrize(
+    "scenario",
+    ["pytree-fsdp", "pytree-fsdp-loha", "pytree-fsdp-tp", "pytree-fsdp-tp-loha", "nnx-mlp", "nnx-mlp-lokr",
+     "nnx-mlp-tp", "nnx-mlp-lokr-tp"],
+)  # fmt: skip
 def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_process_0(scenario, tmp_path):
     from safetensors.numpy import load_file
 
@@ -23,9 +27,8 @@ def test_two_processes_of_four_devices_train_as_one_of_eight_and_save_from_proce
         load_file(tmp_path / "two" / "adapter_model.safetensors"),
         load_file(tmp_path / "one" / "adapter_model.safetensors"),
     )
-    assert sorted(a) == sorted(b) and len(a) == (
-        8 if "loha" in scenario or scenario == "nnx-mlp" else 4
-    )  # LoHa: 4 a layer
+    loha = "loha" in scenario or (scenario.startswith("nnx") and "lokr" not in scenario)  # nnx-mlp: LoHa
+    assert sorted(a) == sorted(b) and len(a) == (8 if loha else 4)  # LoHa: 4 a layer, LoKr 2
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
     if scenario.startswith("pytree"):  # and the LyCORIS file, from process 0 too
@@ -38,7 +41,7 @@ def test_a_failing_process_stops_the_run_with_its_output():
         run_hosts("no-such-scenario", processes=2, devices=2, out="unused", timeout=120)
 
 
-@pytest.mark.parametrize("scenario", ["linen-llama", "linen-llama-lokr"])
+@pytest.mark.parametrize("scenario", ["linen-llama", "linen-llama-lokr", "linen-llama-tp", "linen-llama-lokr-tp"])
 def test_transformers_llama_through_the_linen_transform_on_two_processes_loads_in_peft(scenario, tmp_path):
     import warnings
 

@@ -104,7 +104,7 @@ def pytree_fsdp(out: str, tp: int = 1, phase: str = "all", method: str = "lokr")
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
-def linen_llama(out: str, method: str = "loha") -> dict:
+def linen_llama(out: str, method: str = "loha", tp: int = 1) -> dict:
     """transformers' Flax Llama through the Linen transform: its weights FSDP-sharded where a dim
     divides the devices, a LoHa adapter on q/v/down, three jitted steps on process-local sequences."""
     import warnings
@@ -125,11 +125,16 @@ def linen_llama(out: str, method: str = "loha") -> dict:
 
     model = FlaxLlamaForCausalLM(LlamaConfig(**LLAMA), seed=0)  # the same weights on every process
     host = jax.tree.map(np.asarray, model.params)
-    mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
-    n = mesh.devices.size
+    devices = np.asarray(jax.devices())
+    mesh = Mesh(devices.reshape(devices.size // tp, tp), ("fsdp", "tp"))
+    n, groups = mesh.devices.size, mesh.shape["fsdp"]
 
-    def place(a):
-        spec = P("fsdp") if a.ndim == 2 and a.shape[0] % n == 0 else P()
+    def place(a):  # a matrix's rows over "fsdp" and, tensor-parallel, its columns over "tp", where they divide
+        spec = (
+            P()
+            if a.ndim != 2
+            else P("fsdp" if a.shape[0] % groups == 0 else None, "tp" if a.shape[1] % tp == 0 and tp > 1 else None)
+        )
         return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda i: a[i])
 
     params = jax.tree.map(place, host)
@@ -154,7 +159,7 @@ def linen_llama(out: str, method: str = "loha") -> dict:
         return optax.apply_updates(lycoris, updates), state, value
 
     data, state, losses = np.random.default_rng(1), tx.init(lycoris), []
-    per = n // jax.process_count()
+    per = n // jax.process_count()  # n sequences over the "fsdp" groups; each process holds its groups'
     for _ in range(3):
         ids_all = data.integers(0, LLAMA["vocab_size"], size=(n, 17)).astype(np.int32)
         mine = ids_all[jax.process_index() * per : (jax.process_index() + 1) * per]
@@ -188,7 +193,7 @@ def dies(out: str) -> dict:
     return {"process": jax.process_index(), "finished": True}
 
 
-def nnx_mlp(out: str, method: str = "loha") -> dict:
+def nnx_mlp(out: str, method: str = "loha", tp: int = 1) -> dict:
     """An NNX MLP built under the mesh (kernels FSDP-sharded by their partition metadata), a LoHa tuner
     on both layers (its factors placed like their kernels), three jitted steps on process-local rows,
     then PEFT's files from process 0."""
@@ -203,14 +208,17 @@ def nnx_mlp(out: str, method: str = "loha") -> dict:
 
     import lycoris_jax as lj
 
-    mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
+    devices = np.asarray(jax.devices())
+    mesh = Mesh(devices.reshape(devices.size // tp, tp), ("fsdp", "tp"))
     n = mesh.devices.size
     init = nnx.initializers.lecun_normal()
+    # FSDP: one dim of each kernel over "fsdp"; tensor-parallel (Megatron): up's columns, down's rows on "tp"
+    up, down = (("fsdp", "tp"), ("tp", "fsdp")) if tp > 1 else ((None, "fsdp"), ("fsdp", None))
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
-            self.up = nnx.Linear(16, 64, kernel_init=nnx.with_partitioning(init, (None, "fsdp")), rngs=rngs)
-            self.down = nnx.Linear(64, 8, kernel_init=nnx.with_partitioning(init, ("fsdp", None)), rngs=rngs)
+            self.up = nnx.Linear(16, 64, kernel_init=nnx.with_partitioning(init, up), rngs=rngs)
+            self.down = nnx.Linear(64, 8, kernel_init=nnx.with_partitioning(init, down), rngs=rngs)
 
         def __call__(self, x):
             return self.down(jnp.tanh(self.up(x)))
@@ -355,6 +363,12 @@ SCENARIOS = {
     "nnx-mlp-lokr": lambda out: nnx_mlp(out, method="lokr"),
     "pytree-fsdp-loha": lambda out: pytree_fsdp(out, method="loha"),
     "linen-llama-lokr": lambda out: linen_llama(out, method="lokr"),
+    # the same on an FSDP x tensor-parallel mesh (4 x 2)
+    "pytree-fsdp-tp-loha": lambda out: pytree_fsdp(out, tp=2, method="loha"),
+    "nnx-mlp-tp": lambda out: nnx_mlp(out, tp=2),
+    "nnx-mlp-lokr-tp": lambda out: nnx_mlp(out, method="lokr", tp=2),
+    "linen-llama-tp": lambda out: linen_llama(out, tp=2),
+    "linen-llama-lokr-tp": lambda out: linen_llama(out, method="lokr", tp=2),
     "step-time": step_time,
     "interrupted-save": interrupted_save,
     "save": lambda out: pytree_fsdp(out, phase="save"),
