@@ -169,6 +169,7 @@ def linen_llama(out: str, method: str = "loha", tp: int = 1) -> dict:
     whole = multihost_utils.process_allgather(lycoris, tiled=True)
     if jax.process_index() == 0:
         linen.save_pretrained(adapted, whole, out)
+        linen.save_lycoris(adapted, whole, f"{out}.safetensors")
     multihost_utils.sync_global_devices("saved")
     return {"losses": losses, "process": jax.process_index(), "devices": n}
 
@@ -257,6 +258,7 @@ def nnx_mlp(out: str, method: str = "loha", tp: int = 1) -> dict:
     if jax.process_index() == 0:
         nnx.update(tuner, whole)
         tuner.save_pretrained(out)
+        tuner.save_lycoris(f"{out}.safetensors")
     multihost_utils.sync_global_devices("saved")
     return {"losses": losses, "process": jax.process_index(), "devices": n}
 
