@@ -5,8 +5,11 @@ one line and exit 2."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,11 +38,25 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(files):
-    """Six uninterrupted steps on one device; its summary."""
+    """Six uninterrupted steps on one device; its summary (``printed``: what the command printed)."""
     out = files / "reference"
     args = ["finetune", "--model", str(files / "model"), "--data", str(files / "data.txt"), "--steps", "6"]
-    assert cli.main([*args, *COMMON, "--out", str(out)]) == 0
-    return json.loads((out / "summary.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert cli.main([*args, *COMMON, "--out", str(out)]) == 0
+    return {**json.loads((out / "summary.json").read_text()), "printed": printed.getvalue()}
+
+
+def test_the_readme_shows_the_summary_as_the_command_prints_it(reference):
+    readme = re.search(r"```text\n\$ lycoris-jax finetune [^\n]*\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert readme, "README.md: no lycoris-jax finetune block"
+    shown = [line for line in readme[1].splitlines() if not line.startswith("finetune ")]  # the bar: stderr
+    assert _shape("\n".join(shown)) == _shape(reference["printed"])
+
+
+def _shape(text: str) -> list[str]:
+    """Lines with every path a ``P``, every figure a ``#``, runs of spaces one."""
+    text = re.sub(r"\S*/\S*", "P", re.sub(r"'[^']*'", "P", text))
+    return [" ".join(re.sub(r"[0-9][0-9,.]*", "#", line).split()) for line in text.splitlines() if line.strip()]
 
 
 def _run(files, out, *extra, env=None, **popen):
