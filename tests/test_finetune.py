@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 
 from lycoris_cli import cli
 from lycoris_cli.finetune import load_data
+from tests import readme_output
 from tests.finetune_fixture import make_checkpoint, sonnets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,16 +47,8 @@ def reference(files):
 
 
 def test_the_readme_shows_the_summary_as_the_command_prints_it(reference):
-    readme = re.search(r"```text\n\$ lycoris-jax finetune [^\n]*\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert readme, "README.md: no lycoris-jax finetune block"
-    shown = [line for line in readme[1].splitlines() if not line.startswith("finetune ")]  # the bar: stderr
-    assert _shape("\n".join(shown)) == _shape(reference["printed"])
-
-
-def _shape(text: str) -> list[str]:
-    """Lines with every path a ``P``, every figure a ``#``, runs of spaces one."""
-    text = re.sub(r"\S*/\S*", "P", re.sub(r"'[^']*'", "P", text))
-    return [" ".join(re.sub(r"[0-9][0-9,.]*", "#", line).split()) for line in text.splitlines() if line.strip()]
+    shown = [line for line in readme_output.shown("finetune").splitlines() if not line.startswith("finetune ")]
+    assert readme_output.shape("\n".join(shown)) == readme_output.shape(reference["printed"])  # the bar: stderr
 
 
 def _run(files, out, *extra, env=None, **popen):

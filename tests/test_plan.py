@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pathlib
-import re
 
 import pytest
 
 from lycoris_cli import cli, plan
+from tests import readme_output
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu (jax[tpu]) compiles for TPU topologies on this CPU"
@@ -46,20 +45,7 @@ def test_a_run_that_fits_exits_0_and_memory_grows_with_the_batch(capsys):
     assert frozen["argument"] < lokr["argument"] < full["argument"]
     assert lokr["seconds"] > frozen["seconds"]
     # the README shows the table as the command prints it (the figures differ: another model)
-    assert _shape(plan._table(result, "tiny"))[1:] == _shape(_readme_plan())[1:]
-
-
-def _readme_plan() -> str:
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    block = re.search(r"```text\n\$ lycoris-jax plan [^\n]*\n(.*?)```", text, re.S)
-    assert block, "README.md: no lycoris-jax plan block"
-    return block[1]
-
-
-def _shape(table: str) -> list[str]:
-    """The table's lines with every figure a ``#`` (MiB as GiB) and runs of spaces one."""
-    figures = r"~?>?=?[0-9][0-9,.]*(?:[kMB](?![a-z]))?"
-    return [" ".join(re.sub(figures, "#", line).replace("MiB", "GiB").split()) for line in table.strip().splitlines()]
+    assert readme_output.shape(plan._table(result, "tiny"))[1:] == readme_output.shape(readme_output.shown("plan"))[1:]
 
 
 @needs_libtpu
