@@ -103,7 +103,7 @@ def test_a_save_interrupted_on_process_0_leaves_the_previous_checkpoint(tmp_path
     ended = run_hosts("interrupted-save", processes=2, devices=2, out=out, timeout=120, wait_all=True)
     assert ended[0]["exit"] == -9  # process 0 was killed in the middle of writing the second save
     assert ended[1]["exit"] != 0 and ended[1]["seconds"] < 90  # process 1 stopped, it did not wait forever
-    before = json.loads(next(line for line in ended[0]["output"].splitlines() if line.startswith("RESULT "))[7:])
+    before = json.loads(next(line for line in ended[0]["stdout"].splitlines() if line.startswith("RESULT "))[7:])
     files = sorted(p for p in out.rglob("*") if p.is_file())
     after = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
     assert after == before["digest"]  # the first save, byte for byte

@@ -3,8 +3,10 @@ and collect what each reports.
 
 Each process runs ``python -m tests.multihost.worker SCENARIO PROCESS_ID N PORT OUT`` with
 ``--xla_force_host_platform_device_count`` devices of its own, gloo collectives and a coordinator on
-``127.0.0.1:PORT``, and prints one ``RESULT {json}`` line. The harness bounds the run in time and
-kills every process when one fails or the time is up, so nothing is left behind.
+``127.0.0.1:PORT``, and prints one ``RESULT {json}`` line on its stdout. The harness bounds the run
+in time and kills every process when one fails or the time is up, so nothing is left behind.
+Each process's stdout and stderr go to files of their own: a pipe could fill and stall a process,
+and gloo writes to stderr mid-line, so a shared stream could split the ``RESULT`` line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +44,8 @@ def start(
     watch: Callable[[list[subprocess.Popen]], None] | None = None,
 ) -> list[dict]:
     """Run one command per process (each with ``devices`` CPU devices of its own), at once, bounded by
-    ``timeout``; ``{"exit", "seconds", "output"}`` per process, in order. When one fails the others are
+    ``timeout``; ``{"exit", "seconds", "stdout", "output"}`` per process, in order (``output``: stdout,
+    then stderr). When one fails the others are
     killed (they would wait on it), unless ``wait_all``: then they end by themselves, within ``timeout``.
     ``watch(processes)`` is called while they run (to signal one, say). ``HostsFailed`` when the time
     is up."""
@@ -51,20 +55,13 @@ def start(
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(ROOT),
     }
+    streams = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
     procs = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        for command in commands
+        subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        for command, (out, err) in zip(commands, streams, strict=True)
     ]
     start_time = time.monotonic()
-    deadline, outputs, ended = start_time + timeout, [""] * len(procs), [None] * len(procs)
+    deadline, ended = start_time + timeout, [None] * len(procs)
     try:
         while any(p.poll() is None for p in procs):
             for i, p in enumerate(procs):
@@ -82,9 +79,17 @@ def start(
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
         for i, p in enumerate(procs):
-            outputs[i] = p.communicate()[0]
+            p.wait()
             ended[i] = ended[i] if ended[i] is not None else time.monotonic() - start_time
-    return [{"exit": p.returncode, "seconds": ended[i], "output": outputs[i]} for i, p in enumerate(procs)]
+    runs = []
+    for p, seconds, (out, err) in zip(procs, ended, streams, strict=True):
+        texts = []
+        for stream in (out, err):
+            stream.seek(0)
+            texts.append(stream.read())
+            stream.close()
+        runs.append({"exit": p.returncode, "seconds": seconds, "stdout": texts[0], "output": "\n".join(texts)})
+    return runs
 
 
 def failed(what: str, runs: list[dict]) -> HostsFailed:
@@ -109,7 +114,7 @@ def run_hosts(
         return runs
     results = []
     for run in runs:
-        lines = [line for line in run["output"].splitlines() if line.startswith("RESULT ")]
+        lines = [line for line in run["stdout"].splitlines() if line.startswith("RESULT ")]
         if run["exit"] != 0 or not lines:
             raise failed(scenario, runs)
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
