@@ -45,10 +45,9 @@ def start(
 ) -> list[dict]:
     """Run one command per process (each with ``devices`` CPU devices of its own), at once, bounded by
     ``timeout``; ``{"exit", "seconds", "stdout", "output"}`` per process, in order (``output``: stdout,
-    then stderr). When one fails the others are
-    killed (they would wait on it), unless ``wait_all``: then they end by themselves, within ``timeout``.
-    ``watch(processes)`` is called while they run (to signal one, say). ``HostsFailed`` when the time
-    is up."""
+    then stderr). When one fails the others are killed (they would wait on it), unless ``wait_all``:
+    then they end by themselves, within ``timeout``. ``watch(processes)`` is called while they run (to
+    signal one, say). ``HostsFailed`` when the time is up."""
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -82,14 +81,16 @@ def start(
             p.wait()
             ended[i] = ended[i] if ended[i] is not None else time.monotonic() - start_time
     runs = []
-    for p, seconds, (out, err) in zip(procs, ended, streams, strict=True):
-        texts = []
-        for stream in (out, err):
-            stream.seek(0)
-            texts.append(stream.read())
-            stream.close()
-        runs.append({"exit": p.returncode, "seconds": seconds, "stdout": texts[0], "output": "\n".join(texts)})
+    for p, seconds, pair in zip(procs, ended, streams, strict=True):
+        stdout, stderr = (_read_and_close(stream) for stream in pair)
+        runs.append({"exit": p.returncode, "seconds": seconds, "stdout": stdout, "output": f"{stdout}\n{stderr}"})
     return runs
+
+
+def _read_and_close(stream) -> str:
+    with stream:
+        stream.seek(0)
+        return stream.read()
 
 
 def failed(what: str, runs: list[dict]) -> HostsFailed:
